@@ -1,0 +1,57 @@
+"""Shared fixtures: the real MNIST files, a private cache folder, and small checkpoints to test against."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from vae_rt.checkpoint import BUNDLED_CHECKPOINT, save_checkpoint
+from vae_rt.model import VAE, VAEConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The four original MNIST .gz files: $VAE_RT_MNIST_DIR, else ../shared/data/mnist beside the project."""
+    path = Path(os.environ.get("VAE_RT_MNIST_DIR") or ROOT.parent / "shared" / "data" / "mnist")
+    if not (path / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.fail(f"MNIST files not found in {path}; set VAE_RT_MNIST_DIR to a folder holding the four .gz files")
+    return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Unpacked MNIST and cached exports go to a temporary folder, never the user's ~/.cache."""
+    path = tmp_path_factory.mktemp("cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VAE_RT_CACHE_DIR", str(path))
+    mp.delenv("VAE_RT_MNIST_DIR", raising=False)
+    yield path
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A vae-rt checkpoint of the default net with seeded random weights."""
+    torch.manual_seed(1234)
+    path = tmp_path_factory.mktemp("ckpt") / "random.pth"
+    save_checkpoint(path, VAE(VAEConfig()))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tutorial_state_dict(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A plain `state_dict`, as the tutorial saves it (`torch.save(model.state_dict(), 'checkpoint_8.pth')`)."""
+    torch.manual_seed(8)
+    path = tmp_path_factory.mktemp("tutorial") / "checkpoint_8.pth"
+    torch.save(VAE(VAEConfig(z_dim=2)).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def bundled() -> Path:
+    return BUNDLED_CHECKPOINT

@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+from vae_rt.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from vae_rt.model import VAE, VAEConfig
+
+
+def test_round_trip_keeps_weights_config_and_extras(tmp_path):
+    model = VAE(VAEConfig(z_dim=5, h1_dim=64, h2_dim=32))
+    path = tmp_path / "m.pth"
+    save_checkpoint(path, model, metrics=[{"epoch": 1, "test_loss": 150.0}])
+    loaded, ckpt = load_checkpoint(path)
+    assert loaded.config == model.config
+    assert ckpt["metrics"][0]["test_loss"] == 150.0 and ckpt["format"] == "vae-rt"
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value)
+    assert not list(tmp_path.glob(".*tmp"))  # the temporary file was renamed, not left behind
+
+
+def test_tutorial_state_dict_loads_with_inferred_dimensions(tmp_path):
+    model = VAE(VAEConfig(z_dim=8, h1_dim=100, h2_dim=50))
+    path = tmp_path / "checkpoint_8.pth"
+    torch.save(model.state_dict(), path)
+    loaded, _ = load_checkpoint(path)
+    assert loaded.config == VAEConfig(x_dim=784, h1_dim=100, h2_dim=50, z_dim=8)
+    z = torch.randn(3, 8)
+    assert torch.equal(loaded.decode(z), model.decode(z))
+
+
+def test_bundled_model_loads_and_meets_its_target(bundled):
+    model, ckpt = load_checkpoint(None)
+    assert model.config == VAEConfig()
+    assert ckpt["metrics"][-1]["test_loss"] <= 136.0
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "not a readable PyTorch checkpoint"),
+        (b"\x00\x01garbage" * 100, "not a readable PyTorch checkpoint"),
+    ],
+)
+def test_unreadable_files_are_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "bad.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message) as info:
+        read_checkpoint(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        read_checkpoint(tmp_path / "nope.pth")
+
+
+def test_truncated_checkpoint(tmp_path, random_checkpoint):
+    path = tmp_path / "cut.pth"
+    path.write_bytes(random_checkpoint.read_bytes()[: random_checkpoint.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        read_checkpoint(path)
+
+
+def _state_dict(**overrides):
+    state = VAE().state_dict()
+    state.update(overrides)
+    return {k: v for k, v in state.items() if v is not None}
+
+
+@pytest.mark.parametrize(
+    "state, message",
+    [
+        (_state_dict(**{"fc6.bias": None}), "missing fc6.bias"),
+        (_state_dict(extra=torch.zeros(1)), "unexpected extra"),
+        (_state_dict(**{"fc5.weight": torch.zeros(10, 10)}), r"fc5.weight has shape \(10, 10\)"),
+        ({"fc1.weight": "not a tensor"}, "not a mapping of names to tensors"),
+    ],
+)
+def test_wrong_keys_or_shapes(tmp_path, state, message):
+    path = tmp_path / "wrong.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=message):
+        read_checkpoint(path)
+
+
+def test_config_that_contradicts_the_weights(tmp_path):
+    path = tmp_path / "liar.pth"
+    torch.save({"state_dict": VAE().state_dict(), "config": {"z_dim": 16}}, path)
+    with pytest.raises(CheckpointError, match="does not match its weights"):
+        read_checkpoint(path)
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_that_would_run_code_is_refused_and_does_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": _RunsCode(str(marker))}, path)
+    with pytest.raises(CheckpointError, match="refused to load"):
+        read_checkpoint(path)
+    assert not marker.exists()

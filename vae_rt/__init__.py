@@ -1,0 +1,15 @@
+"""vae-rt: the tutorial MNIST VAE, trained fast and served through torch, ONNX Runtime and TensorRT."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["Sampler", "open_sampler", "__version__"]
+
+
+def __getattr__(name: str):
+    # Lazy, so `import vae_rt.checkpoint` (which reads __version__) never imports the sampler stack.
+    if name in ("Sampler", "open_sampler"):
+        from vae_rt import sampler
+
+        return getattr(sampler, name)
+    raise AttributeError(f"module 'vae_rt' has no attribute {name!r}")

@@ -1,0 +1,3 @@
+from vae_rt.cli import main
+
+main()

@@ -1,0 +1,122 @@
+"""Checkpoint I/O: vae-rt checkpoints and the tutorial's plain `state_dict` files, loaded without unpickling code."""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vae_rt import __version__
+from vae_rt.errors import UserError
+from vae_rt.files import atomic_path
+from vae_rt.model import VAE, VAEConfig
+
+BUNDLED_CHECKPOINT = Path(__file__).parent / "weights" / "vae_z2.pth"
+LAYERS = ("fc1", "fc2", "fc31", "fc32", "fc4", "fc5", "fc6")
+
+
+class CheckpointError(UserError):
+    """The file is missing, unreadable, unsafe, or not a checkpoint of this VAE."""
+
+
+def save_checkpoint(path: Path, model: VAE, **extra: Any) -> None:
+    """Write `{format, version, config, state_dict, **extra}` atomically (temporary file, then rename)."""
+    payload = {
+        "format": "vae-rt",
+        "version": __version__,
+        "config": model.config.as_dict(),
+        "state_dict": model.state_dict(),
+        **extra,
+    }
+    with atomic_path(Path(path)) as tmp:
+        torch.save(payload, tmp)
+
+
+def read_checkpoint(path: Path | None) -> dict[str, Any]:
+    """Load a checkpoint file as a dict with at least `config` (VAEConfig) and `state_dict`.
+
+    A plain tutorial `state_dict` is wrapped, its dimensions inferred from the weight shapes.
+    Loading uses `weights_only=True`: a file whose unpickling would run code is refused.
+
+    Raises:
+        CheckpointError: missing, corrupt or unsafe file, wrong keys, or mismatched shapes.
+    """
+    path = Path(path) if path is not None else BUNDLED_CHECKPOINT
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        unsafe = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
+        if unsafe:
+            raise CheckpointError(
+                f"{path}: refused to load: unpickling it would call {unsafe.group(1)} "
+                "(only tensors and plain data are loaded; never unpickle untrusted code)"
+            ) from err
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?)") from err
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?)") from err
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(raw).__name__}")
+    if "state_dict" in raw:
+        state_dict = raw["state_dict"]
+        extra = {k: v for k, v in raw.items() if k not in ("state_dict", "config")}
+    else:
+        state_dict, extra = raw, {}
+    config = infer_config(path, state_dict)
+    if isinstance(raw.get("config"), dict) and VAEConfig(**_known(raw["config"])) != config:
+        raise CheckpointError(f"{path}: its config {raw['config']} does not match its weights {config.as_dict()}")
+    return {"config": config, "state_dict": state_dict, **extra}
+
+
+def load_checkpoint(path: Path | None = None) -> tuple[VAE, dict[str, Any]]:
+    """Build the VAE stored in `path` (the bundled model when None), in eval mode.
+
+    Returns:
+        The model and the checkpoint dict (metrics, version, ... where present).
+    """
+    ckpt = read_checkpoint(path)
+    model = VAE(ckpt["config"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), ckpt
+
+
+def infer_config(path: Path, state_dict: Any) -> VAEConfig:
+    """Dimensions from the weight shapes; every layer must be present and fit the others."""
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CheckpointError(f"{path}: state_dict is not a mapping of names to tensors")
+    expected = {f"{layer}.{p}" for layer in LAYERS for p in ("weight", "bias")}
+    missing, unexpected = sorted(expected - state_dict.keys()), sorted(state_dict.keys() - expected)
+    if missing or unexpected:
+        parts = [f"missing {', '.join(missing)}" if missing else "", f"unexpected {', '.join(unexpected)}" if unexpected else ""]
+        raise CheckpointError(f"{path}: not a VAE checkpoint: " + "; ".join(p for p in parts if p))
+    h1, x = state_dict["fc1.weight"].shape if state_dict["fc1.weight"].dim() == 2 else (0, 0)
+    h2 = state_dict["fc2.weight"].shape[0] if state_dict["fc2.weight"].dim() == 2 else 0
+    z = state_dict["fc31.weight"].shape[0] if state_dict["fc31.weight"].dim() == 2 else 0
+    config = VAEConfig(x_dim=x, h1_dim=h1, h2_dim=h2, z_dim=z)
+    for name, shape in _expected_shapes(config).items():
+        if tuple(state_dict[name].shape) != shape:
+            raise CheckpointError(
+                f"{path}: {name} has shape {tuple(state_dict[name].shape)}, expected {shape} for {config.as_dict()}"
+            )
+    return config
+
+
+def _expected_shapes(c: VAEConfig) -> dict[str, tuple[int, ...]]:
+    dims = {"fc1": (c.h1_dim, c.x_dim), "fc2": (c.h2_dim, c.h1_dim), "fc31": (c.z_dim, c.h2_dim),
+            "fc32": (c.z_dim, c.h2_dim), "fc4": (c.h2_dim, c.z_dim), "fc5": (c.h1_dim, c.h2_dim),
+            "fc6": (c.x_dim, c.h1_dim)}
+    shapes = {}
+    for layer, (out_dim, in_dim) in dims.items():
+        shapes[f"{layer}.weight"] = (out_dim, in_dim)
+        shapes[f"{layer}.bias"] = (out_dim,)
+    return shapes
+
+
+def _known(config: dict[str, Any]) -> dict[str, Any]:
+    fields = VAEConfig.__dataclass_fields__
+    return {k: v for k, v in config.items() if k in fields}

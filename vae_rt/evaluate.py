@@ -1,0 +1,34 @@
+"""Test-set scores of a trained VAE: the ELBO loss per image and the importance-weighted -log p(x)."""
+
+from __future__ import annotations
+
+import torch
+
+from vae_rt.model import VAE, elbo_loss, importance_weighted_nll
+
+
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 28, 28] -> float32 [N, 784] in [0, 1] (not binarised, as in the tutorial)."""
+    return images.reshape(images.shape[0], -1).float().div_(255)
+
+
+@torch.no_grad()
+def test_loss(model: VAE, pixels: torch.Tensor, batch_size: int = 1000, seed: int = 0) -> float:
+    """Mean negative ELBO per image (summed over the set, divided by its size, like the tutorial)."""
+    torch.manual_seed(seed)  # the reparameterisation noise, so the same model scores the same
+    total = 0.0
+    for start in range(0, len(pixels), batch_size):
+        x = pixels[start : start + batch_size]
+        recon, mu, log_var = model(x)
+        total += elbo_loss(recon, x, mu, log_var).item()
+    return total / len(pixels)
+
+
+@torch.no_grad()
+def iw_nll(model: VAE, pixels: torch.Tensor, k: int, batch_size: int = 100, seed: int = 0) -> float:
+    """Mean importance-weighted estimate of -log p(x) with k samples per image (nats)."""
+    torch.manual_seed(seed)
+    total = 0.0
+    for start in range(0, len(pixels), batch_size):
+        total += importance_weighted_nll(model, pixels[start : start + batch_size], k).sum().item()
+    return total / len(pixels)
