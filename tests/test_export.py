@@ -1,0 +1,104 @@
+import json
+
+import onnx
+import pytest
+import torch
+
+from vae_rt.backends.ort import OnnxModelError, inspect_onnx
+from vae_rt.checkpoint import load_checkpoint
+from vae_rt.export import FP16_MAX, activation_peaks, export_onnx, read_manifest
+from vae_rt.files import sha256_file
+from vae_rt.parity import parity_latents
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def exported(random_checkpoint, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("export")
+    return {p: export_onnx(random_checkpoint, out_dir, p) for p in ("fp32", "fp16")}
+
+
+def _dims(value):
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_onnx_structure(exported, precision):
+    path = exported[precision].path
+    assert path.name == f"random.{precision}.onnx"
+    model = onnx.load(str(path))
+    (z,), (image,) = model.graph.input, model.graph.output
+    assert (z.name, image.name) == ("z", "image")
+    assert _dims(z)[1] == 2 and _dims(image)[1] == 784
+    assert isinstance(_dims(z)[0], str) and _dims(z)[0] == _dims(image)[0]  # one symbolic batch axis
+    assert z.type.tensor_type.elem_type == image.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    weight_types = {t.data_type for t in model.graph.initializer if len(t.dims) == 2}
+    expected = onnx.TensorProto.FLOAT16 if precision == "fp16" else onnx.TensorProto.FLOAT
+    assert weight_types == {expected}
+    assert inspect_onnx(path) == (2, 784, precision)
+    if precision == "fp16":
+        ops = [n.op_type for n in model.graph.node]
+        assert ops[0] == "Cast" and ops[-1] == "Cast"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_export_reports_ort_parity_within_tolerance(exported, precision):
+    parity = exported[precision].parity
+    assert parity.passed and parity.nan_count == 0
+    assert parity.samples == 1 + 7 + len(parity_latents(2))  # batches of 1, 7 and all latents
+    if precision == "fp32":
+        assert parity.max_abs <= 1e-5
+    else:
+        assert 0 < parity.max_abs <= 5e-3 and parity.mean_abs <= 5e-4  # fp16 really ran: not bit-equal
+
+
+def test_manifest_records_source_versions_and_parity(exported, random_checkpoint):
+    result = exported["fp16"]
+    manifest = json.loads(result.manifest_path.read_text())
+    assert manifest == read_manifest(result.path)
+    assert manifest["sha256"] == sha256_file(result.path)
+    assert manifest["source_checkpoint"]["sha256"] == sha256_file(random_checkpoint)
+    assert manifest["precision"] == "fp16" and manifest["opset"] == 18
+    assert manifest["model_config"] == {"x_dim": 784, "h1_dim": 512, "h2_dim": 256, "z_dim": 2}
+    assert manifest["inputs"] == [{"name": "z", "shape": ["batch", 2], "dtype": "float32"}]
+    assert manifest["outputs"] == [{"name": "image", "shape": ["batch", 784], "dtype": "float32"}]
+    assert {"vae_rt", "torch", "onnx", "onnxruntime"} <= manifest["versions"].keys()
+    assert manifest["parity_vs_torch_fp32"]["passed"] is True
+    assert manifest["parity_vs_torch_fp32"]["max_abs"] == result.parity.max_abs
+
+
+def test_no_temporary_files_are_left(exported):
+    folder = exported["fp32"].path.parent
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["random.fp32.onnx", "random.fp32.onnx.json", "random.fp16.onnx", "random.fp16.onnx.json"]
+    )
+
+
+def test_tutorial_state_dict_exports(tutorial_state_dict, tmp_path):
+    result = export_onnx(tutorial_state_dict, tmp_path, "fp32")
+    assert result.path.name == "checkpoint_8.fp32.onnx" and result.parity.passed
+
+
+def test_activation_peaks_flag_fp16_overflow(random_checkpoint):
+    model, _ = load_checkpoint(random_checkpoint)
+    z = parity_latents(2)
+    assert max(activation_peaks(model, z).values()) < FP16_MAX
+    with torch.no_grad():
+        model.fc5.weight.mul_(1e5)
+    assert activation_peaks(model, z)["fc5"] > FP16_MAX
+
+
+@pytest.mark.parametrize("content", [b"", b"not an onnx model at all"])
+def test_unreadable_onnx(tmp_path, content):
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(content)
+    with pytest.raises(OnnxModelError, match="bad.onnx"):
+        inspect_onnx(path)
+
+
+def test_onnx_with_other_names_is_rejected(tmp_path):
+    path = tmp_path / "other.onnx"
+    torch.onnx.export(torch.nn.Linear(2, 784), (torch.zeros(1, 2),), str(path), input_names=["x"], output_names=["y"])
+    with pytest.raises(OnnxModelError, match="expected one input 'z'"):
+        inspect_onnx(path)

@@ -1,0 +1,133 @@
+"""Inference backends behind one small protocol: `open()`, `decode(z)`, `close()`, and `with backend:`.
+
+At the boundary everything is float32 torch: latents `[B, z_dim]` in (numpy accepted), images
+`[B, 1, 28, 28]` in [0, 1] out, left on the backend's device. Reduced precision stays inside the
+model or engine. Heavy dependencies are imported by the backend module that needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import numpy as np
+import torch
+
+from vae_rt.errors import RuntimeFailure, UserError
+from vae_rt.model import IMAGE_SHAPE
+
+BACKENDS = {"torch": "pt", "ort": "ort", "trt": "trt"}  # public name -> module in this package
+PRECISIONS = ("fp32", "fp16", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class BaseBackend:
+    """State checks and the I/O contract; subclasses write `_open`, `_decode` and `_close`.
+
+    Construction only records what to load; resources are acquired in `open()` and freed in `close()`.
+    """
+
+    name = "base"
+
+    def __init__(self, precision: str, device: str):
+        self.precision = check_choice("--precision", precision, PRECISIONS)
+        self.device = resolve_device(device)
+        self.z_dim = 0  # known once open() has read the model
+        self.is_open = False
+
+    def describe(self) -> str:
+        """What really runs, e.g. 'ort fp32 on CPUExecutionProvider'."""
+        return f"{self.name} {self.precision} on {self.device}"
+
+    def open(self) -> BaseBackend:
+        if not self.is_open:
+            self._open()
+            self.is_open = True
+        return self
+
+    def close(self) -> None:
+        if self.is_open:
+            self._close()
+            self.is_open = False
+
+    def __enter__(self) -> BaseBackend:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def decode(self, z: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Decode latents into images.
+
+        Args:
+            z: float32 `[B, z_dim]`, finite (a numpy array is taken without a copy).
+        Returns:
+            float32 `[B, 1, 28, 28]` in [0, 1] on the backend's device; a buffer the backend may reuse
+            is never returned, so the result stays valid after the next call.
+        Raises:
+            UserError: wrong shape, dtype or non-finite latents. RuntimeError: not opened.
+            RuntimeFailure: reduced-precision output that overflowed to NaN/Inf.
+        """
+        if not self.is_open:
+            raise RuntimeError(f"{self.name} backend: decode() called before open()")
+        z = check_latents(z, self.z_dim)
+        images = self._decode(z)
+        if self.precision != "fp32" and not bool(torch.isfinite(images).all()):
+            raise RuntimeFailure(f"{self.describe()}: output has NaN/Inf (reduced-precision overflow)")
+        return images.view(len(z), *IMAGE_SHAPE)
+
+    def _open(self) -> None:
+        raise NotImplementedError
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        """float32 [B, z_dim] (host or device) -> float32 [B, 784] on the backend's device."""
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+
+def check_latents(z: Any, z_dim: int) -> torch.Tensor:
+    """float32 `[B, z_dim]` finite latents as a torch tensor, or a one-line UserError saying what is wrong."""
+    if isinstance(z, np.ndarray):
+        z = torch.from_numpy(z)
+    if not isinstance(z, torch.Tensor):
+        raise UserError(f"latents must be a torch tensor or numpy array, got {type(z).__name__}")
+    if z.dim() != 2 or z.shape[1] != z_dim or z.shape[0] == 0:
+        raise UserError(f"latents must have shape [B, {z_dim}] with B >= 1, got {list(z.shape)}")
+    if z.dtype != torch.float32:
+        raise UserError(f"latents must be float32, got {z.dtype}")
+    if not bool(torch.isfinite(z).all()):
+        raise UserError("latents contain NaN or Inf")
+    return z
+
+
+def get_backend(name: str, **kwargs: Any) -> BaseBackend:
+    """Construct backend `name` ('torch', 'ort' or 'trt'); its optional dependency is imported only now."""
+    if name not in BACKENDS:
+        raise UserError(f"unknown backend {name!r}; choose one of: auto, {', '.join(BACKENDS)}")
+    module = importlib.import_module(f"vae_rt.backends.{BACKENDS[name]}")
+    return module.create(**kwargs)
+
+
+def check_choice(option: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise UserError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; 'cuda' without one is a usage error."""
+    check_choice("--device", device, DEVICES)
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: torch sees no CUDA GPU on this machine (use --device cpu)")
+    return device
+
+
+def chunk_bounds(n: int, size: int) -> list[tuple[int, int]]:
+    """[(start, stop), ...] covering range(n) in pieces of at most `size` rows."""
+    if size < 1:
+        raise ValueError(f"chunk size must be at least 1, got {size}")
+    return [(start, min(start + size, n)) for start in range(0, n, size)]

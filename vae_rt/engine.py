@@ -1,0 +1,218 @@
+"""TensorRT engines: built once from the fp16 ONNX, cached in `engines/`, validated against their manifest.
+
+A plan only runs on the TensorRT version and GPU it was built for, and TensorRT has no preflight
+check: deserializing a foreign plan just returns None. So every plan has a manifest holding its
+cache key (ONNX sha256, profile, TensorRT version, GPU, ...). A matching plan is reused, a
+mismatched one rebuilt, and loading a mismatched one by hand says what it was built for.
+The TensorRT calls are kept thin; the decisions around them are plain functions tested on the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from vae_rt import __version__
+from vae_rt.errors import RuntimeFailure, UserError, require
+from vae_rt.export import read_manifest, write_manifest
+from vae_rt.files import atomic_path, sha256_file, write_atomic
+from vae_rt.model import INPUT_NAME
+
+log = logging.getLogger(__name__)
+
+WORKSPACE_BYTES = 1 << 30
+OPTIMIZATION_LEVEL = 3  # TensorRT's default: level 5 searches longer for this tiny net and gains nothing measurable
+DEFAULT_MAX_BATCH = 65536
+DEFAULT_OPT_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class Platform:
+    """What a plan is tied to: the TensorRT build and the GPU."""
+
+    tensorrt: str
+    gpu: str
+    compute_capability: str  # "9.0"
+    cuda: str
+
+    def describe(self) -> str:
+        return f"TensorRT {self.tensorrt} on {self.gpu} (sm {self.compute_capability}, CUDA {self.cuda})"
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """The cache key: any change of a field means another plan."""
+
+    onnx_sha256: str
+    precision: str
+    z_dim: int
+    min_batch: int
+    opt_batch: int
+    max_batch: int
+    optimization_level: int
+    tensorrt: str
+    gpu: str
+    compute_capability: str
+    cuda: str
+
+    @property
+    def platform(self) -> Platform:
+        return Platform(self.tensorrt, self.gpu, self.compute_capability, self.cuda)
+
+
+def check_profile(opt_batch: int, max_batch: int) -> None:
+    if max_batch < 1:
+        raise UserError(f"--max-batch must be at least 1, got {max_batch}")
+    if not 1 <= opt_batch <= max_batch:
+        raise UserError(f"--opt-batch must be between 1 and --max-batch ({max_batch}), got {opt_batch}")
+
+
+def engine_path_for(engine_dir: Path, name: str, platform: Platform) -> Path:
+    """`engines/<name>.<gpu>-sm<cc>.trt<version>.plan`: one file per model, GPU and TensorRT version."""
+    gpu = re.sub(r"[^a-z0-9]+", "-", platform.gpu.lower()).strip("-")
+    cc = platform.compute_capability.replace(".", "")
+    return Path(engine_dir) / f"{name}.{gpu}-sm{cc}.trt{platform.tensorrt}.plan"
+
+
+def spec_mismatches(manifest: dict[str, Any] | None, spec: EngineSpec) -> list[str]:
+    """Why a cached plan cannot serve `spec`, one phrase per differing field ([] when it can)."""
+    if manifest is None:
+        return ["it has no readable manifest"]
+    recorded = manifest.get("spec", {})
+    return [
+        f"{f.name} is {recorded.get(f.name)!r}, needed {getattr(spec, f.name)!r}"
+        for f in fields(EngineSpec)
+        if recorded.get(f.name) != getattr(spec, f.name)
+    ]
+
+
+def platform_mismatch(manifest: dict[str, Any] | None, here: Platform) -> str | None:
+    """A one-line reason why a plan built per `manifest` cannot run here, or None when it can."""
+    if manifest is None or "spec" not in manifest:
+        return None  # no manifest: only deserializing can tell
+    built = EngineSpec(**manifest["spec"]).platform
+    if (built.tensorrt, built.gpu, built.compute_capability) != (here.tensorrt, here.gpu, here.compute_capability):
+        return f"built for {built.describe()}; this is {here.describe()}: rebuild it with `vae-rt export`"
+    return None
+
+
+def engine_skip_reason() -> str | None:
+    """Why no engine can be built on this machine (what to install), or None when it can."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "TensorRT is not installed (pip install 'vae-rt[gpu]' on a machine with an NVIDIA GPU)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible to torch"
+    return None
+
+
+def current_platform() -> Platform:
+    trt = require("tensorrt", extra="gpu")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError("TensorRT needs a CUDA GPU, and torch sees none on this machine")
+    major, minor = torch.cuda.get_device_capability()
+    return Platform(trt.__version__, torch.cuda.get_device_name(), f"{major}.{minor}", str(torch.version.cuda))
+
+
+def build_engine(
+    onnx_path: Path,
+    engine_dir: Path,
+    name: str,
+    opt_batch: int = DEFAULT_OPT_BATCH,
+    max_batch: int = DEFAULT_MAX_BATCH,
+) -> tuple[Path, bool]:
+    """Build (or reuse) the engine of an fp16 ONNX decoder for this GPU.
+
+    Returns:
+        The plan's path and whether it was built now (False: a matching cached plan was reused).
+    Raises:
+        MissingDependencyError / UserError: no TensorRT or no GPU. RuntimeFailure: the build failed.
+    """
+    from vae_rt.backends.ort import inspect_onnx
+
+    check_profile(opt_batch, max_batch)
+    z_dim, _, precision = inspect_onnx(onnx_path)
+    platform = current_platform()
+    spec = EngineSpec(
+        onnx_sha256=sha256_file(onnx_path), precision=precision, z_dim=z_dim, min_batch=1, opt_batch=opt_batch,
+        max_batch=max_batch, optimization_level=OPTIMIZATION_LEVEL, **asdict(platform),
+    )
+    engine_dir = Path(engine_dir)
+    engine_dir.mkdir(parents=True, exist_ok=True)
+    path = engine_path_for(engine_dir, name, platform)
+    manifest = read_manifest(path)
+    if path.is_file():
+        reasons = spec_mismatches(manifest, spec)
+        if not reasons and manifest.get("sha256") == sha256_file(path):
+            log.info("reusing %s", path)
+            return path, False
+        log.info("rebuilding %s: %s", path, "; ".join(reasons) or "its sha256 differs from the manifest")
+    timing_cache = engine_dir / f"timing-cache.trt{platform.tensorrt}.sm{platform.compute_capability}.bin"
+    plan = _build_plan(onnx_path, spec, timing_cache)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(plan)
+    write_manifest(path, {
+        "kind": "tensorrt-plan",
+        "file": path.name,
+        "sha256": sha256_file(path),
+        "spec": asdict(spec),
+        "onnx": str(onnx_path),
+        "vae_rt": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+    return path, True
+
+
+def _build_plan(onnx_path: Path, spec: EngineSpec, timing_cache: Path) -> bytes:
+    """The TensorRT calls: a strongly typed network (fp16 comes from the ONNX itself), one profile."""
+    trt = require("tensorrt", extra="gpu")
+    logger = capturing_logger(trt)
+    builder = trt.Builder(logger)
+    # STRONGLY_TYPED: opt-in on 10.x (fp16 flag deprecated), always on and ignored on 11.x; correct on both.
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeFailure(f"TensorRT cannot parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    config.builder_optimization_level = spec.optimization_level
+    old_cache = timing_cache.read_bytes() if timing_cache.is_file() else b""
+    config.set_timing_cache(config.create_timing_cache(old_cache), ignore_mismatch=True)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(INPUT_NAME, (spec.min_batch, spec.z_dim), (spec.opt_batch, spec.z_dim), (spec.max_batch, spec.z_dim))
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise RuntimeFailure(f"TensorRT failed to build an engine from {onnx_path}: {logger.last_error()}")
+    write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
+    return bytes(plan)
+
+
+def capturing_logger(trt: Any) -> Any:
+    """A `trt.ILogger` that keeps warnings and errors, since TensorRT reports most failures only there."""
+    kept = (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR, trt.ILogger.Severity.WARNING)
+
+    class CapturingLogger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.messages: list[str] = []
+
+        def log(self, severity: Any, msg: str) -> None:
+            if severity in kept:
+                self.messages.append(msg)
+                log.debug("TensorRT: %s", msg)
+
+        def last_error(self) -> str:
+            return self.messages[-1] if self.messages else "no message from TensorRT"
+
+    return CapturingLogger()

@@ -1,0 +1,55 @@
+"""A Triton Inference Server model repository for the decoder: ONNX Runtime and, with a plan, TensorRT.
+
+Layout: `<repo>/<model>/config.pbtxt` and `<repo>/<model>/1/model.onnx` (or `model.plan`), one model
+per platform, since a Triton model config names exactly one platform.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from vae_rt.backends.ort import inspect_onnx
+from vae_rt.files import atomic_path, write_atomic
+from vae_rt.model import INPUT_NAME, OUTPUT_NAME
+
+MODEL_NAME = "vae_decoder"
+PREFERRED_BATCHES = (1024, 8192)
+QUEUE_DELAY_US = 100  # how long Triton may hold a request to batch it with others
+
+
+def model_config(name: str, platform: str, z_dim: int, x_dim: int, max_batch: int) -> str:
+    """config.pbtxt text: float32 `z` [z_dim] in, `image` [x_dim] out, dynamic batching, one GPU instance."""
+    preferred = ", ".join(str(b) for b in PREFERRED_BATCHES if b <= max_batch) or str(max_batch)
+    return f"""name: "{name}"
+platform: "{platform}"
+max_batch_size: {max_batch}
+input [
+  {{ name: "{INPUT_NAME}" data_type: TYPE_FP32 dims: [ {z_dim} ] }}
+]
+output [
+  {{ name: "{OUTPUT_NAME}" data_type: TYPE_FP32 dims: [ {x_dim} ] }}
+]
+dynamic_batching {{
+  preferred_batch_size: [ {preferred} ]
+  max_queue_delay_microseconds: {QUEUE_DELAY_US}
+}}
+instance_group [
+  {{ count: 1 kind: KIND_GPU }}
+]
+"""
+
+
+def write_model_repository(repo: Path, onnx_path: Path, plan_path: Path | None, max_batch: int) -> Path:
+    """Write the ONNX model (and the TensorRT one when a plan exists) into `repo`; returns the repo folder."""
+    z_dim, x_dim, _ = inspect_onnx(onnx_path)
+    models = [(f"{MODEL_NAME}_onnx", "onnxruntime_onnx", onnx_path, "model.onnx")]
+    if plan_path is not None:
+        models.append((f"{MODEL_NAME}_trt", "tensorrt_plan", plan_path, "model.plan"))
+    for name, platform, source, filename in models:
+        version_dir = Path(repo) / name / "1"
+        version_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(version_dir / filename) as tmp:
+            shutil.copyfile(source, tmp)
+        write_atomic(version_dir.parent / "config.pbtxt", model_config(name, platform, z_dim, x_dim, max_batch))
+    return Path(repo)
