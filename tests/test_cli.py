@@ -1,0 +1,124 @@
+"""The commands as a user types them (through typer's CliRunner): outputs, and one-line errors with exit 2."""
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from vae_rt.cli import app
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # default outputs (samples.png, export/) land here, not in the checkout
+
+
+def run(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def assert_one_line_error(args, message, code=2):
+    exit_code, output = run(*args)
+    assert exit_code == code, output
+    assert message in output, output
+    assert "Traceback" not in output and len(output.strip().splitlines()) == 1, output
+
+
+def test_sample_png_and_npy_agree_across_backends(tmp_path):
+    code, output = run("sample", "-n", 16, "--out", tmp_path / "s.png")
+    assert code == 0 and "wrote 16 images" in output and "samples/s" in output
+    assert (tmp_path / "s.png").stat().st_size > 0
+    for backend in ("torch", "ort"):
+        code, output = run("sample", "--backend", backend, "-n", 1024, "--seed", 0, "--out", tmp_path / f"{backend}.npy")
+        assert code == 0 and f"with {backend} fp32" in output, output
+    torch_images, ort_images = np.load(tmp_path / "torch.npy"), np.load(tmp_path / "ort.npy")
+    assert torch_images.shape == (1024, 1, 28, 28) and np.abs(torch_images - ort_images).max() <= 1e-5
+
+
+def test_sample_fp16_on_ort_is_within_fp16_tolerance(tmp_path):
+    run("sample", "--backend", "torch", "-n", 512, "--out", tmp_path / "ref.npy")
+    code, output = run("sample", "--backend", "ort", "--precision", "fp16", "-n", 512, "--out", tmp_path / "h.npy")
+    assert code == 0 and "ort fp16" in output
+    diff = np.abs(np.load(tmp_path / "ref.npy") - np.load(tmp_path / "h.npy"))
+    assert diff.max() <= 5e-3 and diff.mean() <= 5e-4
+
+
+def test_sample_auto_says_which_backend_ran(tmp_path):
+    code, output = run("sample", "--backend", "auto", "--device", "cpu", "-n", 8, "--out", tmp_path / "a.npy")
+    assert code == 0 and "with ort fp32 on CPUExecutionProvider" in output
+
+
+def test_export_writes_both_onnx_files_and_skips_the_engine(tmp_path, tutorial_state_dict):
+    code, output = run("export", tutorial_state_dict, "--out-dir", tmp_path / "export", "--triton", tmp_path / "triton")
+    assert code == 0, output
+    for precision in ("fp32", "fp16"):
+        assert (tmp_path / "export" / f"checkpoint_8.{precision}.onnx").is_file()
+        assert (tmp_path / "export" / f"checkpoint_8.{precision}.onnx.json").is_file()
+    assert "PASS fp32" in output and "PASS fp16" in output and "within fp16 range" in output
+    if torch.cuda.is_available():
+        return
+    assert "engine skipped:" in output
+    assert (tmp_path / "triton" / "vae_decoder_onnx" / "1" / "model.onnx").is_file()
+
+
+def test_export_with_engine_required_but_impossible_exits_2(tmp_path):
+    from vae_rt.engine import engine_skip_reason
+
+    if engine_skip_reason() is None:
+        pytest.skip("TensorRT can build engines here")
+    assert_one_line_error(["export", "--engine", "--out-dir", tmp_path], "--engine: cannot build a TensorRT engine here")
+    assert not list(tmp_path.iterdir())
+
+
+def test_compare_reports_every_pair(tmp_path):
+    code, output = run("compare", "--backends", "torch,ort,trt", "--precisions", "fp32,fp16", "-n", 200)
+    assert code == 0, output
+    assert output.count("PASS") >= 3 and "skipped" in output  # trt cannot run here
+
+
+def test_manifold_and_eval_and_doctor(tmp_path, mnist_dir):
+    code, output = run("manifold", "--grid", 5, "--out", tmp_path / "m.png")
+    assert code == 0 and (tmp_path / "m.png").is_file(), output
+    code, output = run("eval", "--data-dir", mnist_dir, "--limit", 200, "--iw-samples", 50)
+    assert code == 0 and "test loss per image" in output and "-log p(x), 50 importance samples" in output, output
+    code, output = run("doctor")
+    assert code == 0 and "onnxruntime" in output and "CPUExecutionProvider" in output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["sample", "-n", 0], "-n must be at least 1"),
+        (["sample", "-n", -5], "-n must be at least 1"),
+        (["sample", "--batch-size", 0, "--out", "{tmp}/x.npy"], "--batch-size must be between 1 and"),
+        (["sample", "--batch-size", 10**9, "--out", "{tmp}/x.npy"], "--batch-size must be between 1 and"),
+        (["sample", "--backend", "tensorflow"], "--backend must be one of"),
+        (["sample", "--precision", "int4"], "--precision must be one of"),
+        (["sample", "--device", "tpu"], "--device must be one of"),
+        (["sample", "--out", "{tmp}/nowhere/x.png"], "does not exist"),
+        (["sample", "--out", "{tmp}/x.gif"], "unsupported extension"),
+        (["sample", "--model", "{tmp}/missing.pth"], "no such file"),
+        (["sample", "--model", "{tmp}/junk.pth"], "not a readable PyTorch checkpoint"),
+        (["sample", "--model", "{tmp}/junk.onnx", "--backend", "ort"], "not a readable ONNX model"),
+        (["export", "{tmp}/missing.pth", "--out-dir", "{tmp}/e"], "no such checkpoint file"),
+        (["export", "--precision", "int8", "--out-dir", "{tmp}/e"], "--precision takes fp32 and/or fp16"),
+        (["export", "--max-batch", 8, "--opt-batch", 16, "--out-dir", "{tmp}/e"], "--opt-batch must be between"),
+        (["train", "--epochs", 0, "--out", "{tmp}/r"], "--epochs must be at least 1"),
+        (["train", "--lr", "nan", "--epochs", 1, "--out", "{tmp}/r"], "--lr must be a positive finite number"),
+        (["eval", "{tmp}/junk.pth"], "not a readable PyTorch checkpoint"),
+        (["eval", "--data-dir", "{tmp}/no-mnist"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    (tmp_path / "junk.pth").write_bytes(b"\x00\x01\x02 random bytes" * 50)
+    (tmp_path / "junk.onnx").write_bytes(b"\x00\x01\x02 random bytes" * 50)
+    assert_one_line_error([str(a).format(tmp=tmp_path) for a in args], message)
+
+
+def test_device_cuda_without_cuda_exits_2():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert_one_line_error(["sample", "--device", "cuda"], "--device cuda")

@@ -1,0 +1,155 @@
+import numpy as np
+import pytest
+import torch
+
+import vae_rt.sampler as sampler_module
+from vae_rt import open_sampler
+from vae_rt.backends import chunk_bounds, get_backend
+from vae_rt.errors import RuntimeFailure, UserError
+from vae_rt.output import check_output, stream_npy, to_uint8, write_png
+from vae_rt.sampler import cached_onnx, choose_backend, manifold_latents
+
+ort = pytest.importorskip("onnxruntime")
+
+
+def test_chunk_bounds_cover_the_range_exactly():
+    assert chunk_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert chunk_bounds(4, 4) == [(0, 4)]
+    assert chunk_bounds(0, 4) == []
+    with pytest.raises(ValueError):
+        chunk_bounds(3, 0)
+
+
+def test_decode_before_open_is_an_error(random_checkpoint):
+    backend = get_backend("torch", checkpoint=random_checkpoint, precision="fp32", device="cpu")
+    with pytest.raises(RuntimeError, match="before open"):
+        backend.decode(torch.zeros(1, 2))
+    with backend:
+        assert backend.decode(np.zeros((3, 2), dtype=np.float32)).shape == (3, 1, 28, 28)
+    assert not backend.is_open
+
+
+@pytest.mark.parametrize(
+    "z, message",
+    [
+        (torch.zeros(4, 3), r"shape \[B, 2\]"),
+        (torch.zeros(0, 2), r"shape \[B, 2\]"),
+        (torch.zeros(2), r"shape \[B, 2\]"),
+        (torch.zeros(4, 2, dtype=torch.float64), "must be float32"),
+        (torch.tensor([[0.0, float("nan")]]), "NaN or Inf"),
+        (torch.tensor([[float("inf"), 0.0]]), "NaN or Inf"),
+        ([[0.0, 0.0]], "torch tensor or numpy array"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["torch", "ort"])
+def test_bad_latents_are_rejected_clearly(random_checkpoint, backend, z, message):
+    with open_sampler(random_checkpoint, backend, device="cpu") as sampler, pytest.raises(UserError, match=message):
+        sampler.decode(z)
+
+
+def test_reduced_precision_overflow_is_caught(random_checkpoint, monkeypatch):
+    with open_sampler(random_checkpoint, "ort", "fp16", "cpu") as sampler:
+        monkeypatch.setattr(sampler.backend, "_decode", lambda z: torch.full((len(z), 784), float("nan")))
+        with pytest.raises(RuntimeFailure, match="NaN/Inf"):
+            sampler.decode(torch.zeros(2, 2))
+
+
+def test_auto_prefers_onnx_runtime_on_the_cpu_and_says_why(monkeypatch):
+    name, device, why = choose_backend("checkpoint", None, "cpu")
+    assert (name, device) == ("ort", "cpu") and "chose ort on cpu" in why
+    monkeypatch.setattr(sampler_module, "available_providers", lambda: [])
+    name, _, why = choose_backend("checkpoint", None, "cpu")
+    assert name == "torch" and "onnxruntime is not installed" in why
+    with pytest.raises(UserError, match="no backend can run"):
+        choose_backend("onnx", None, "cpu")
+
+
+def test_auto_on_a_machine_without_gpu_explains_the_skip():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    _, _, why = choose_backend("checkpoint", None, "auto")
+    assert "torch sees no CUDA GPU" in why
+
+
+def test_backends_refuse_files_they_cannot_run(tmp_path, random_checkpoint):
+    onnx_path = cached_onnx(random_checkpoint, "fp32")
+    with pytest.raises(UserError, match="--backend torch needs a checkpoint"):
+        open_sampler(onnx_path, "torch")
+    with pytest.raises(UserError, match="unknown kind of file"):
+        open_sampler(tmp_path / "model.bin")
+    with pytest.raises(UserError, match="no such file"):
+        open_sampler(tmp_path / "missing.pth")
+    with pytest.raises(UserError, match="--backend must be one of"):
+        open_sampler(random_checkpoint, "tensorflow")
+    with pytest.raises(UserError, match="--precision must be one of"):
+        open_sampler(random_checkpoint, "torch", "int8")
+    with pytest.raises(UserError, match="fp32 model, not fp16"):
+        open_sampler(onnx_path, "ort", "fp16")
+
+
+def test_onnx_export_is_cached_by_checkpoint_content(random_checkpoint):
+    first = cached_onnx(random_checkpoint, "fp16")
+    stamp = first.stat().st_mtime_ns
+    assert cached_onnx(random_checkpoint, "fp16") == first and first.stat().st_mtime_ns == stamp
+
+
+def test_trt_without_tensorrt_names_what_to_install(random_checkpoint):
+    pytest.importorskip("torch")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(UserError, match="tensorrt is not installed|no CUDA GPU|runs on CUDA only|torch sees no CUDA"):
+        open_sampler(random_checkpoint, "trt")
+
+
+def test_npy_stream_equals_the_in_memory_samples(random_checkpoint, tmp_path):
+    with open_sampler(random_checkpoint, "torch", device="cpu", batch_size=100) as sampler:
+        expected = sampler.sample(250, seed=9)
+        stream_npy(sampler.iter_samples(250, seed=9), 250, tmp_path / "x.npy", "float32")
+        stream_npy(sampler.iter_samples(250, seed=9), 250, tmp_path / "x8.npy", "uint8")
+    assert np.array_equal(np.load(tmp_path / "x.npy"), expected.numpy())
+    as_uint8 = np.load(tmp_path / "x8.npy")
+    assert as_uint8.dtype == np.uint8 and np.array_equal(as_uint8, to_uint8(expected).numpy())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy", "x8.npy"]
+
+
+def test_a_failing_decode_leaves_no_npy_behind(tmp_path):
+    def batches():
+        yield torch.zeros(10, 1, 28, 28)
+        raise RuntimeFailure("backend broke")
+
+    with pytest.raises(RuntimeFailure):
+        stream_npy(batches(), 20, tmp_path / "x.npy")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_png_grid(tmp_path):
+    from PIL import Image
+
+    write_png(torch.rand(16, 1, 28, 28), tmp_path / "g.png")
+    assert Image.open(tmp_path / "g.png").size == (4 * 30 + 2, 4 * 30 + 2)
+
+
+@pytest.mark.parametrize(
+    "name, n, message",
+    [
+        ("x.jpg", 4, "unsupported extension"),
+        ("missing/x.png", 4, "does not exist"),
+        ("x.png", 10_001, "at most 10000 images"),
+    ],
+)
+def test_output_checks(tmp_path, name, n, message):
+    with pytest.raises(UserError, match=message):
+        check_output(tmp_path / name, n, "float32")
+
+
+def test_manifold_latents_span_the_normal_quantiles():
+    z = manifold_latents(3, 2)
+    assert z.shape == (9, 2)
+    assert z[0].tolist() == pytest.approx([-1.6449, 1.6449], abs=1e-3)  # top left: low z0, high z1
+    assert z[8].tolist() == pytest.approx([1.6449, -1.6449], abs=1e-3)
+    with pytest.raises(UserError, match="2-D latent space"):
+        manifold_latents(3, 8)

@@ -1,0 +1,89 @@
+"""The PyTorch backend, the reference: CPU or CUDA, fp32, and fp16/bf16 with CUDA-graph replay on CUDA."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from vae_rt.backends import BaseBackend
+from vae_rt.checkpoint import load_checkpoint
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+GRAPH_MAX_BATCH = 16384  # above this a launch is a rounding error next to the GEMMs; graphs would only pin memory
+GRAPH_CACHE_SIZE = 8  # batch sizes with a captured graph, least recently used evicted
+
+
+class TorchBackend(BaseBackend):
+    """Decodes with the checkpoint's own layers as three fused `addmm` calls."""
+
+    name = "torch"
+
+    def __init__(self, checkpoint: Path | None, precision: str = "fp32", device: str = "auto", cuda_graphs: bool = True):
+        super().__init__(precision, device)
+        self.checkpoint = checkpoint
+        self.use_graphs = cuda_graphs and self.device == "cuda"
+        self._layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._graphs: OrderedDict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    def describe(self) -> str:
+        graphs = " with CUDA graphs" if self.use_graphs else ""
+        return f"torch {self.precision} on {self.device}{graphs}"
+
+    def _open(self) -> None:
+        model, _ = load_checkpoint(self.checkpoint)
+        self.z_dim = model.config.z_dim
+        dtype = DTYPES[self.precision]
+        # Weights pre-transposed once, so each call is addmm(bias, h, W^T) with no per-call layout work.
+        self._layers = [
+            (layer.weight.detach().to(self.device, dtype).t().contiguous(), layer.bias.detach().to(self.device, dtype))
+            for layer in (model.fc4, model.fc5, model.fc6)
+        ]
+
+    def _close(self) -> None:
+        self._layers, self._graphs = [], OrderedDict()
+
+    @torch.inference_mode()
+    def _forward(self, z: torch.Tensor) -> torch.Tensor:
+        (w4, b4), (w5, b5), (w6, b6) = self._layers
+        h = torch.addmm(b4, z.to(w4.dtype), w4).relu_()
+        h = torch.addmm(b5, h, w5).relu_()
+        return torch.addmm(b6, h, w6).sigmoid_().float()
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        z = z.to(self.device, non_blocking=True)
+        if self.use_graphs and len(z) <= GRAPH_MAX_BATCH:
+            images = self._replay(z)
+        else:
+            images = self._forward(z)
+        if self.device == "cuda":
+            torch.cuda.current_stream().synchronize()
+        return images
+
+    def _replay(self, z: torch.Tensor) -> torch.Tensor:
+        """Run the graph captured for this batch size (capturing it on first use); returns a fresh tensor."""
+        entry = self._graphs.get(len(z))
+        if entry is None:
+            static_z = z.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._forward(static_z)  # warm-up outside capture: cuBLAS picks and allocates its workspace
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self._forward(static_z)
+            entry = (graph, static_z, static_out)
+            self._graphs[len(z)] = entry
+            if len(self._graphs) > GRAPH_CACHE_SIZE:
+                self._graphs.popitem(last=False)
+        self._graphs.move_to_end(len(z))
+        graph, static_z, static_out = entry
+        static_z.copy_(z)
+        graph.replay()
+        return static_out.clone()  # the static buffer is overwritten by the next replay
+
+
+def create(checkpoint: Path | None = None, precision: str = "fp32", device: str = "auto", **options: bool) -> TorchBackend:
+    return TorchBackend(checkpoint, precision, device, **options)

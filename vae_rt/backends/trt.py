@@ -1,0 +1,119 @@
+"""The TensorRT backend: a cached fp16 engine bound to torch CUDA tensors, batches split at the profile max.
+
+Written from TensorRT 10/11's documented Python API; the logic around the calls (chunking, manifest
+checks, error messages) is plain code tested on the CPU. Needs `tensorrt` (extra `gpu`) and a GPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from vae_rt.backends import BaseBackend, chunk_bounds
+from vae_rt.engine import capturing_logger, current_platform, platform_mismatch
+from vae_rt.errors import RuntimeFailure, UserError, require
+from vae_rt.export import read_manifest
+from vae_rt.model import INPUT_NAME, OUTPUT_NAME
+
+
+class EngineError(UserError):
+    """The plan is missing, corrupt, or was built for another TensorRT version or GPU."""
+
+
+class TrtBackend(BaseBackend):
+    """One execution context on a private stream; inputs and outputs go through static, aligned buffers.
+
+    TensorRT needs 256-byte aligned addresses, and a slice of a caller's tensor need not be one, so
+    each chunk is copied into buffers allocated once at the profile's max batch.
+    """
+
+    name = "trt"
+
+    def __init__(self, engine_path: Path, device: str = "cuda", cuda_graphs: bool = False):
+        if device == "cpu":
+            raise UserError("--backend trt runs on CUDA only; use --backend torch or ort for the CPU")
+        self.engine_path = Path(engine_path)
+        manifest = read_manifest(self.engine_path) or {}
+        super().__init__(manifest.get("spec", {}).get("precision", "fp16"), "cuda")
+        self.manifest = manifest
+        self.use_graphs = cuda_graphs
+        self.max_batch = 0
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    def describe(self) -> str:
+        return f"trt {self.precision} on cuda ({self.engine_path.name})"
+
+    def _open(self) -> None:
+        trt = require("tensorrt", extra="gpu")
+        if not self.engine_path.is_file():
+            raise EngineError(f"{self.engine_path}: no such engine file (build one with `vae-rt export`)")
+        reason = platform_mismatch(self.manifest or None, current_platform())
+        if reason:
+            raise EngineError(f"{self.engine_path}: {reason}")
+        logger = capturing_logger(trt)
+        self._runtime = trt.Runtime(logger)
+        self._engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
+        if self._engine is None:  # TensorRT says why only through its logger
+            raise EngineError(f"{self.engine_path}: TensorRT cannot load it: {logger.last_error()}")
+        self._context = self._engine.create_execution_context()
+        _, _, max_shape = self._engine.get_tensor_profile_shape(INPUT_NAME, 0)
+        self.max_batch, self.z_dim = int(max_shape[0]), int(max_shape[1])
+        x_dim = int(self._engine.get_tensor_shape(OUTPUT_NAME)[1])
+        self._stream = torch.cuda.Stream()  # not the legacy default stream: TensorRT would sync the device
+        self._z = torch.empty((self.max_batch, self.z_dim), dtype=torch.float32, device="cuda")
+        self._images = torch.empty((self.max_batch, x_dim), dtype=torch.float32, device="cuda")
+        self._context.set_tensor_address(INPUT_NAME, self._z.data_ptr())
+        self._context.set_tensor_address(OUTPUT_NAME, self._images.data_ptr())
+        self._bound_batch = 0
+
+    def _close(self) -> None:
+        self._graphs.clear()
+        self._context = self._engine = self._runtime = None
+        self._z = self._images = None
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        z = z.to("cuda", non_blocking=True)
+        images = torch.empty((len(z), self._images.shape[1]), dtype=torch.float32, device="cuda")
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):
+            for start, stop in chunk_bounds(len(z), self.max_batch):
+                batch = stop - start
+                self._z[:batch].copy_(z[start:stop])
+                self._run(batch)
+                images[start:stop].copy_(self._images[:batch])
+        self._stream.synchronize()
+        return images
+
+    def _run(self, batch: int) -> None:
+        if batch != self._bound_batch:
+            if not self._context.set_input_shape(INPUT_NAME, (batch, self.z_dim)):
+                raise RuntimeFailure(f"TensorRT refused batch {batch} (profile max {self.max_batch})")
+            self._bound_batch = batch
+        if self.use_graphs:
+            self._replay(batch)
+        elif not self._context.execute_async_v3(self._stream.cuda_stream):
+            raise RuntimeFailure(f"TensorRT execution failed at batch {batch}")
+
+    def _replay(self, batch: int) -> None:
+        """One CUDA graph per batch size; the first call runs eagerly so one-time setup is not captured."""
+        graph = self._graphs.get(batch)
+        if graph is None:
+            if not self._context.execute_async_v3(self._stream.cuda_stream):
+                raise RuntimeFailure(f"TensorRT execution failed at batch {batch}")
+            self._stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=self._stream):
+                captured = self._context.execute_async_v3(self._stream.cuda_stream)
+            if not captured:
+                raise RuntimeFailure(f"TensorRT execution could not be captured in a CUDA graph at batch {batch}")
+            self._graphs[batch] = graph
+            return  # the eager run above already produced this chunk's output
+        graph.replay()
+
+
+def create(engine_path: Path, precision: str | None = None, device: str = "cuda", **options: bool) -> TrtBackend:
+    backend = TrtBackend(engine_path, device, **options)
+    if precision is not None and precision != backend.precision:
+        raise UserError(f"{engine_path} is an {backend.precision} engine, not {precision}")
+    return backend

@@ -1,0 +1,365 @@
+"""The `vae-rt` command line: each command parses its options and hands over to a library function.
+
+Exit codes: 0 success, 2 bad usage or bad input (one line, no traceback), 1 runtime failure.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from vae_rt.errors import RuntimeFailure, UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, export and serve the MNIST VAE decoder.")
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+ModelOption = Annotated[
+    Optional[Path], typer.Option("--model", help="Checkpoint (.pth), ONNX file or TensorRT plan; default: the bundled model.")
+]
+BackendOption = Annotated[str, typer.Option(help="auto, torch, ort or trt.")]
+PrecisionOption = Annotated[Optional[str], typer.Option(help="fp32, fp16 or bf16; default: the fastest safe one for the device.")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+DataDirOption = Annotated[
+    Optional[Path], typer.Option(help="Folder with the four MNIST .gz files (else $VAE_RT_MNIST_DIR, else download).")
+]
+
+
+def handle_errors(command: F) -> F:
+    """Turn the library's errors into one line on stderr and the documented exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except UserError as error:
+            err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except RuntimeFailure as error:
+            err.print(f"[red]failed:[/red] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("interrupted: nothing was written under a final name")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=err, transient=True,
+    )
+
+
+@app.callback()
+def main_options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what the library does.")] = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):  # the exporter's internals, not about the model
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.command()
+@handle_errors
+def train(
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs in all (default 10, or the resumed run's).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per optimizer step.")] = 128,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    lr_decay: Annotated[str, typer.Option(help="none, or cosine (to 0 over the run).")] = "none",
+    z_dim: Annotated[int, typer.Option(help="Latent dimensions.")] = 2,
+    data_dir: DataDirOption = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints, grids, metrics.jsonl, model.pth.")] = Path("runs/vae"),
+    seed: Annotated[int, typer.Option(help="Seed of initialisation, shuffles and noise.")] = 0,
+    device: DeviceOption = "auto",
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in --out.")] = False,
+    keep: Annotated[int, typer.Option(help="Epoch checkpoints kept on disk.")] = 3,
+    ema: Annotated[float, typer.Option(help="Score and save a moving average of the weights with this decay (0: off).")] = 0.0,
+) -> None:
+    """Train the VAE on MNIST (the tutorial's recipe, fast)."""
+    from vae_rt.train import TrainOptions
+    from vae_rt.train import train as run_training
+
+    options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, z_dim=z_dim, seed=seed, keep=keep, ema=ema)
+    if epochs is not None:
+        options.check()
+    with progress_bar() as bar:
+        task = bar.add_task("epoch", total=None)
+
+        def on_step(epoch: int, done: int, total: int) -> None:
+            bar.update(task, description=f"epoch {epoch}", completed=done, total=total)
+
+        def on_epoch(m: dict[str, Any]) -> None:
+            bar.console.print(
+                f"epoch {m['epoch']:>3}  train loss {m['train_loss']:.2f}  test loss {m['test_loss']:.2f}  "
+                f"lr {m['lr']:.2e}  {m['seconds']:.1f}s", highlight=False,
+            )
+
+        history = run_training(out_dir, options, data_dir, device, resume, on_step, on_epoch)
+    out.print(f"done: {len(history)} epochs, test loss {history[-1]['test_loss']:.2f}; model in {out_dir / 'model.pth'}", highlight=False)
+
+
+@app.command("eval")
+@handle_errors
+def evaluate(
+    checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint; default: the bundled model.")] = None,
+    data_dir: DataDirOption = None,
+    iw_samples: Annotated[int, typer.Option(help="Also estimate -log p(x) with K importance samples (0: skip).")] = 0,
+    limit: Annotated[Optional[int], typer.Option(help="Score only the first N test images.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the sampling noise.")] = 0,
+) -> None:
+    """Test loss per image (negative ELBO) and, with --iw-samples, the importance-weighted NLL."""
+    from vae_rt.checkpoint import load_checkpoint
+    from vae_rt.data import load_mnist
+    from vae_rt.evaluate import iw_nll, test_loss, to_pixels
+
+    if iw_samples < 0 or (limit is not None and limit < 1):
+        raise UserError("--iw-samples must be >= 0 and --limit >= 1")
+    model, _ = load_checkpoint(checkpoint)
+    pixels = to_pixels(load_mnist(data_dir)[1])[:limit]
+    out.print(f"test loss per image: {test_loss(model, pixels, seed=seed):.2f}  ({len(pixels)} images)")
+    if iw_samples:
+        out.print(f"-log p(x), {iw_samples} importance samples: {iw_nll(model, pixels, iw_samples, seed=seed):.2f}")
+
+
+@app.command()
+@handle_errors
+def export(
+    checkpoint: Annotated[Optional[Path], typer.Argument(help="vae-rt checkpoint or the tutorial's state_dict; default: bundled.")] = None,
+    out_dir: Annotated[Path, typer.Option(help="Folder for the ONNX files and their manifests.")] = Path("export"),
+    engine_dir: Annotated[Path, typer.Option(help="Folder for TensorRT plans, manifests and the timing cache.")] = Path("engines"),
+    precision: Annotated[str, typer.Option(help="Comma-separated: fp32, fp16.")] = "fp32,fp16",
+    max_batch: Annotated[int, typer.Option(help="Largest batch of the TensorRT profile (and Triton's max_batch_size).")] = 65536,
+    opt_batch: Annotated[int, typer.Option(help="Batch size TensorRT tunes for.")] = 1024,
+    engine: Annotated[
+        Optional[bool], typer.Option("--engine/--no-engine", help="Require / skip the TensorRT engine (default: build when possible).")
+    ] = None,
+    triton: Annotated[Optional[Path], typer.Option(help="Also write a Triton model repository here.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Base name of the files (default: the checkpoint's name).")] = None,
+) -> None:
+    """Export the decoder to ONNX (fp32, fp16), check it on ONNX Runtime, and build a TensorRT engine."""
+    from vae_rt.engine import build_engine, check_profile, engine_skip_reason
+    from vae_rt.export import export_onnx
+
+    precisions = [p.strip() for p in precision.split(",") if p.strip()]
+    if not precisions or any(p not in ("fp32", "fp16") for p in precisions):
+        raise UserError(f"--precision takes fp32 and/or fp16 (comma-separated), got {precision!r}")
+    check_profile(opt_batch, max_batch)
+    skip_reason = engine_skip_reason() if engine is not False else None
+    if engine and skip_reason:
+        raise UserError(f"--engine: cannot build a TensorRT engine here: {skip_reason}")
+    exported = {}
+    for p in precisions:
+        result = export_onnx(checkpoint, out_dir, p, name)
+        exported[p] = result.path
+        out.print(f"wrote {result.path}  ({result.parity.summary()})", highlight=False)
+        if p == "fp16":
+            peak = max(result.activation_peak.values())
+            verdict = "within fp16 range" if peak <= 65504 else "BEYOND fp16 range (65504): expect Inf/NaN"
+            out.print(f"  largest activation on the test latents: {peak:.4g}, {verdict}", highlight=False)
+    plan = None
+    if engine is False:
+        pass
+    elif skip_reason:
+        out.print(f"engine skipped: {skip_reason}", highlight=False)
+    elif "fp16" not in exported:
+        out.print("engine skipped: it is built from the fp16 ONNX; add fp16 to --precision", highlight=False)
+    else:
+        fp16_path = exported["fp16"]
+        plan, built = build_engine(fp16_path, engine_dir, fp16_path.name.removesuffix(".onnx"), opt_batch, max_batch)
+        out.print(f"{'built' if built else 'reused'} {plan}", highlight=False)
+    if triton is not None:
+        from vae_rt.triton import write_model_repository
+
+        onnx_path = exported.get("fp32") or next(iter(exported.values()))
+        model_dir = write_model_repository(triton, onnx_path, plan, max_batch)
+        out.print(f"wrote Triton model repository {model_dir}", highlight=False)
+
+
+@app.command()
+@handle_errors
+def sample(
+    model: ModelOption = None,
+    backend: BackendOption = "auto",
+    precision: PrecisionOption = None,
+    device: DeviceOption = "auto",
+    n: Annotated[int, typer.Option("-n", "--count", help="Number of images.")] = 1024,
+    seed: Annotated[int, typer.Option(help="Seed of the latents: the same z on every backend.")] = 0,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per decode call (default: per device).")] = None,
+    out_path: Annotated[Path, typer.Option("--out", help=".png grid or .npy array [n, 1, 28, 28].")] = Path("samples.png"),
+    dtype: Annotated[str, typer.Option(help="Array type of a .npy: float32 (in [0, 1]) or uint8 (0..255).")] = "float32",
+) -> None:
+    """Decode n seeded latents into images: a PNG grid, or a .npy streamed to disk."""
+    from vae_rt.output import check_output, stream_npy, write_png
+    from vae_rt.sampler import check_count, open_sampler
+
+    check_count(n)
+    kind = check_output(out_path, n, dtype)
+    with open_sampler(model, backend, precision, device, batch_size) as sampler:
+        started = time.perf_counter()
+        if kind == "png":
+            write_png(sampler.sample(n, seed), out_path)
+        else:
+            with progress_bar() as bar:
+                task = bar.add_task("sampling", total=n)
+                stream_npy(sampler.iter_samples(n, seed), n, out_path, dtype, lambda k: bar.advance(task, k))
+        seconds = time.perf_counter() - started
+        out.print(
+            f"wrote {n} images to {out_path} in {seconds:.2f}s ({n / seconds:,.0f} samples/s) with {sampler.describe()}",
+            highlight=False,
+        )
+
+
+@app.command()
+@handle_errors
+def manifold(
+    model: ModelOption = None,
+    backend: BackendOption = "auto",
+    precision: PrecisionOption = None,
+    device: DeviceOption = "auto",
+    grid: Annotated[int, typer.Option(help="Images per side.")] = 20,
+    out_path: Annotated[Path, typer.Option("--out", help="PNG file.")] = Path("manifold.png"),
+) -> None:
+    """The learned 2-D manifold: decoded images over the latent plane, at the normal's quantiles."""
+    from vae_rt.output import check_output, write_png
+    from vae_rt.sampler import manifold_latents, open_sampler
+
+    if not 2 <= grid <= 100:
+        raise UserError(f"--grid must be between 2 and 100, got {grid}")
+    check_output(out_path, grid * grid, "float32")
+    if out_path.suffix.lower() != ".png":
+        raise UserError(f"--out {out_path}: the manifold is a picture; use .png")
+    with open_sampler(model, backend, precision, device) as sampler:
+        write_png(sampler.decode(manifold_latents(grid, sampler.z_dim)), out_path, nrow=grid)
+        out.print(f"wrote {out_path} ({grid}x{grid}) with {sampler.describe()}", highlight=False)
+
+
+@app.command()
+@handle_errors
+def compare(
+    model: ModelOption = None,
+    backends: Annotated[str, typer.Option(help="Comma-separated backends to check.")] = "torch,ort,trt",
+    precisions: Annotated[str, typer.Option(help="Comma-separated precisions to check.")] = "fp32,fp16",
+    device: DeviceOption = "auto",
+    n: Annotated[int, typer.Option("-n", "--count", help="Normal latents (tail points are added).")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the latents.")] = 0,
+) -> None:
+    """Parity report: every backend/precision against the torch fp32 reference on the same latents."""
+    from vae_rt.compare import run_comparisons
+
+    if n < 1:
+        raise UserError(f"-n must be at least 1, got {n}")
+    rows = run_comparisons(model, _split(backends), _split(precisions), device, n, seed)
+    table = Table("backend", "precision", "runs on", "max abs", "mean abs", "median abs", "worst", "NaN/Inf", "result")
+    failed = False
+    for row in rows:
+        if row.report is None:
+            table.add_row(row.backend, row.precision, "-", "", "", "", "", "", "[yellow]skipped[/yellow]")
+            continue
+        r = row.report
+        failed |= not r.passed
+        table.add_row(
+            row.backend, row.precision, row.runs_on, f"{r.max_abs:.3g}", f"{r.mean_abs:.3g}", f"{r.median_abs:.3g}",
+            str(r.worst_sample), f"{r.nan_count}/{r.inf_count}", "[green]PASS[/green]" if r.passed else "[red]FAIL[/red]",
+        )
+    out.print(table)
+    for row in rows:
+        if row.skipped:
+            out.print(f"skipped {row.backend} {row.precision}: {row.skipped}", highlight=False)
+    if failed:
+        raise RuntimeFailure("some backends disagree with the torch fp32 reference beyond tolerance")
+
+
+@app.command()
+@handle_errors
+def bench(
+    model: ModelOption = None,
+    backends: Annotated[str, typer.Option(help="Comma-separated: auto, torch, ort, trt.")] = "auto,torch,ort,trt",
+    precisions: Annotated[str, typer.Option(help="Comma-separated: fp32, fp16, bf16.")] = "fp32,fp16",
+    device: DeviceOption = "auto",
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,64,1024,8192",
+    duration: Annotated[float, typer.Option(help="Minimum seconds timed per measurement (after 0.2 s warm-up).")] = 1.0,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a samples/s-vs-batch plot (PNG).")] = None,
+) -> None:
+    """Latency and throughput of every backend/precision available here, in one run (trtexec-style)."""
+    import json
+    import platform
+
+    import torch
+
+    from vae_rt.bench import bench_targets, matmul_peak_gflops, plot_throughput, run_benchmarks
+    from vae_rt.files import write_atomic
+
+    try:
+        sizes = [int(b) for b in _split(batch_sizes)]
+    except ValueError:
+        raise UserError(f"--batch-sizes takes comma-separated integers, got {batch_sizes!r}") from None
+    if duration <= 0:
+        raise UserError(f"--duration must be positive, got {duration}")
+    for path in (json_path, plot):
+        if path is not None and not path.parent.is_dir():
+            raise UserError(f"{path}: folder {path.parent} does not exist")
+    targets = bench_targets(_split(backends), _split(precisions), device)
+    with err.status("measuring the float32 matmul peak"):
+        peak = matmul_peak_gflops()
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    out.print(f"CPU float32 matmul peak: {peak:.1f} GFLOP/s ({machine})", highlight=False)
+    with err.status("benchmarking") as status:
+        rows = run_benchmarks(targets, sizes, model, duration, peak, lambda r: status.update(f"{r.runs_on} batch {r.batch}"))
+    table = Table("backend", "prec", "device", "batch", "samples/s", "p50 ms", "p99 ms", "GFLOP/s", "vs eager", "% peak", "CV")
+    for r in rows:
+        if not r.iterations:
+            continue
+        table.add_row(
+            r.backend, r.precision, r.device, str(r.batch), f"{r.samples_per_s:,.0f}", f"{r.p50_ms:.4f}", f"{r.p99_ms:.4f}",
+            f"{r.gflops:.1f}", f"{r.vs_torch_eager:.2f}x", f"{r.pct_of_peak:.0f}%" if r.pct_of_peak is not None else "-",
+            f"{r.cv:.0%}" + (" !" if r.notes else ""),
+        )
+    out.print(table)
+    for r in rows:
+        if not r.iterations:
+            out.print(f"{r.backend} {r.precision} {r.device}: {r.runs_on}", highlight=False)
+        elif r.compute_p50_ms is not None:
+            out.print(f"{r.runs_on} batch {r.batch}: device compute p50 {r.compute_p50_ms:.4f} ms of {r.p50_ms:.4f} ms end to end")
+    if any(r.notes for r in rows):
+        out.print("! = noisy (CV above 10%): close other programs or raise --duration", highlight=False)
+    if json_path is not None:
+        report = {"machine": machine, "matmul_peak_gflops": peak, "rows": [r.as_dict() for r in rows]}
+        write_atomic(json_path, json.dumps(report, indent=2) + "\n")
+        out.print(f"wrote {json_path}", highlight=False)
+    if plot is not None:
+        plot_throughput(rows, plot)
+        out.print(f"wrote {plot}", highlight=False)
+
+
+@app.command()
+@handle_errors
+def doctor() -> None:
+    """What is installed and usable: torch + CUDA, ONNX Runtime providers, TensorRT, the GPU."""
+    from vae_rt.doctor import diagnose
+
+    for label, value in diagnose():
+        out.print(f"{label:<22} {value}", highlight=False)
+
+
+def _split(values: str) -> list[str]:
+    return [v.strip() for v in values.split(",") if v.strip()]
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
+

@@ -1,0 +1,48 @@
+"""Parity report across backends (Polygraphy-style): each backend/precision against torch fp32, same latents."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vae_rt.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
+from vae_rt.errors import UserError
+from vae_rt.parity import ParityReport, compare, tail_latents
+from vae_rt.sampler import artifact_kind, draw_latents, open_sampler
+
+
+@dataclass(frozen=True)
+class Comparison:
+    backend: str
+    precision: str
+    runs_on: str = ""
+    report: ParityReport | None = None
+    skipped: str | None = None  # why this pair could not run here
+
+
+def run_comparisons(
+    model: Path | None, backends: list[str], precisions: list[str], device: str, n: int, seed: int
+) -> list[Comparison]:
+    """Decode n seeded normal latents plus the tail points on every pair that can run here."""
+    checkpoint = Path(model) if model is not None else BUNDLED_CHECKPOINT
+    if artifact_kind(checkpoint) != "checkpoint":
+        raise UserError(f"compare needs a checkpoint (.pth) for its torch fp32 reference, got {checkpoint}")
+    reference_model, _ = load_checkpoint(checkpoint)
+    z_dim = reference_model.config.z_dim
+    latents = torch.cat([draw_latents(n, z_dim, seed), tail_latents(z_dim)])
+    with torch.no_grad():
+        reference = reference_model.decode(latents)
+    results = []
+    for backend in backends:
+        for precision in precisions:
+            try:
+                with open_sampler(checkpoint, backend, precision, device) as sampler:
+                    images = sampler.decode(latents)
+                    runs_on = sampler.describe()
+            except UserError as error:
+                results.append(Comparison(backend, precision, skipped=str(error)))
+                continue
+            results.append(Comparison(backend, precision, runs_on, compare(reference, images, precision)))
+    return results

@@ -1,0 +1,40 @@
+"""`vae-rt doctor`: what is installed and usable here, and what each backend would run on."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from vae_rt import __version__
+from vae_rt.backends.ort import available_providers
+from vae_rt.engine import engine_skip_reason
+
+
+def diagnose() -> list[tuple[str, str]]:
+    """(label, finding) rows: versions, CUDA, GPU, ONNX Runtime providers, TensorRT."""
+    rows = [
+        ("vae-rt", __version__),
+        ("python", platform.python_version()),
+        ("torch", f"{torch.__version__} ({torch.get_num_threads()} CPU threads)"),
+    ]
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        rows += [("CUDA", f"{torch.version.cuda}"), ("GPU", f"{torch.cuda.get_device_name()} (compute capability {major}.{minor})")]
+    else:
+        rows += [("CUDA", "not available to torch (CPU only)")]
+    try:
+        import onnxruntime
+
+        rows += [("onnxruntime", f"{onnxruntime.__version__}; providers: {', '.join(available_providers())}")]
+    except ImportError:
+        rows += [("onnxruntime", "not installed (pip install 'vae-rt[cpu]', or '[gpu]' for CUDA)")]
+    try:
+        import tensorrt
+
+        rows += [("tensorrt", tensorrt.__version__)]
+    except ImportError:
+        rows += [("tensorrt", "not installed (pip install 'vae-rt[gpu]')")]
+    reason = engine_skip_reason()
+    rows += [("TensorRT engines", "can be built here" if reason is None else f"cannot be built: {reason}")]
+    return rows

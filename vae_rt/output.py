@@ -1,0 +1,103 @@
+"""Where sampled images go: a PNG grid, or a `.npy` array streamed to disk batch by batch.
+
+The `.npy` writer puts the header first and then appends each batch from a writer thread, so
+decoding never waits on the disk and resident memory stays at a few batches whatever n is
+(a memory map of the whole file would not bound it: its dirty pages count as resident).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.utils import save_image
+
+from vae_rt.errors import UserError
+from vae_rt.files import atomic_open, atomic_path
+from vae_rt.model import IMAGE_SHAPE
+
+PNG_MAX_IMAGES = 10_000  # a 100 x 100 grid (2,800 px square); beyond that write .npy
+OUTPUT_DTYPES = ("float32", "uint8")
+QUEUE_DEPTH = 4  # batches in flight between decoder and writer
+
+
+def check_output(path: Path, n: int, dtype: str) -> str:
+    """Validate `--out` before any decoding; returns 'png' or 'npy'."""
+    path = Path(path)
+    kind = path.suffix.lower().lstrip(".")
+    if kind not in ("png", "npy"):
+        raise UserError(f"--out {path}: unsupported extension; use .png (image grid) or .npy (array)")
+    if dtype not in OUTPUT_DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
+    parent = path.parent
+    if not parent.is_dir():
+        raise UserError(f"--out {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"--out {path}: folder {parent} is not writable")
+    if kind == "png" and n > PNG_MAX_IMAGES:
+        raise UserError(f"--out {path}: a PNG grid holds at most {PNG_MAX_IMAGES} images, asked for {n}; use .npy")
+    return kind
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] float -> uint8 pixels, on the images' own device (a GPU sends 4x fewer bytes to the host)."""
+    return images.mul(255).round_().to(torch.uint8)
+
+
+def write_png(images: torch.Tensor, path: Path, nrow: int | None = None) -> None:
+    """A grid of [n, 1, 28, 28] images, `nrow` per row (a square grid when None)."""
+    nrow = nrow or math.ceil(math.sqrt(len(images)))
+    with atomic_path(Path(path)) as tmp:
+        save_image(images.float().cpu(), tmp, nrow=nrow, padding=2, format="png")
+
+
+def stream_npy(
+    batches: Iterable[torch.Tensor],
+    n: int,
+    path: Path,
+    dtype: str = "float32",
+    on_batch: Callable[[int], None] | None = None,
+) -> None:
+    """Write `n` images arriving in `batches` as one `.npy` of shape [n, 1, 28, 28], in bounded memory.
+
+    Conversion to `dtype` happens on the batch's device; the host copy and the write run on a
+    writer thread while the caller decodes the next batch.
+    """
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (n, *IMAGE_SHAPE)}
+    pending: queue.Queue[torch.Tensor | None] = queue.Queue(maxsize=QUEUE_DEPTH)
+    failure: list[BaseException] = []
+
+    with atomic_open(Path(path)) as f:
+        np.lib.format.write_array_header_1_0(f, header)
+
+        def write_all() -> None:
+            try:
+                while (batch := pending.get()) is not None:
+                    f.write(batch.cpu().contiguous().numpy())  # buffer protocol: no extra copy
+            except BaseException as err:  # re-raised in the caller's thread
+                failure.append(err)
+                while pending.get() is not None:  # drain so the producer never blocks
+                    pass
+
+        writer = threading.Thread(target=write_all, name="npy-writer", daemon=True)
+        writer.start()
+        written = 0
+        try:
+            for images in batches:
+                pending.put(to_uint8(images) if dtype == "uint8" else images)
+                written += len(images)
+                if on_batch is not None:
+                    on_batch(len(images))
+        finally:
+            pending.put(None)
+            writer.join()
+        if failure:
+            raise failure[0]
+        if written != n:
+            raise RuntimeError(f"expected {n} images, got {written}")
