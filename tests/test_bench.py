@@ -1,0 +1,61 @@
+"""The benchmark harness runs (one tiny iteration each), so it cannot rot; speed itself is not asserted here."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from vae_rt.bench import Timing, bench_targets, run_benchmarks, time_calls
+from vae_rt.cli import app
+from vae_rt.errors import UserError
+
+
+def test_timing_statistics():
+    timing = Timing([0.001 * i for i in range(1, 101)])
+    assert timing.median == pytest.approx(0.0505)
+    assert timing.percentile(99) == pytest.approx(0.099) and timing.percentile(90) == pytest.approx(0.090)
+    assert Timing([1.0, 1.0, 1.0]).cv == 0
+
+
+def test_time_calls_honours_minimum_iterations():
+    calls = []
+    timing = time_calls(lambda: calls.append(1), warmup=0.0, min_duration=0.0, min_iterations=7)
+    assert len(timing.latencies) == 7 and len(calls) == 7
+
+
+def test_targets_skip_pointless_pairs():
+    targets = bench_targets(["torch", "ort", "trt"], ["fp32", "fp16"], "cpu")
+    assert targets == [("torch", "fp32", "cpu"), ("ort", "fp32", "cpu"), ("ort", "fp16", "cpu")]
+
+
+def test_rows_carry_ratios_against_the_eager_reference():
+    pytest.importorskip("onnxruntime")
+    rows = run_benchmarks([("ort", "fp32", "cpu"), ("trt", "fp16", "cuda")], [1, 5], min_duration=0.0, peak=100.0)
+    eager = [r for r in rows if r.backend == "torch-eager"]
+    ort = [r for r in rows if r.backend == "ort"]
+    assert [r.batch for r in eager] == [1, 5] and [r.batch for r in ort] == [1, 5]
+    for row in eager:
+        assert row.vs_torch_eager == pytest.approx(1.0)
+    for row in ort:
+        assert row.samples_per_s == pytest.approx(row.batch / (row.p50_ms / 1e3))
+        assert row.gflops == pytest.approx(row.samples_per_s * 1_065_984 / 1e9)
+        assert row.pct_of_peak == pytest.approx(row.gflops)  # peak given as 100 GFLOP/s
+    skipped = [r for r in rows if r.backend == "trt"]
+    assert len(skipped) == 1 and skipped[0].runs_on.startswith("skipped:")
+
+
+def test_bad_batch_sizes():
+    with pytest.raises(UserError):
+        run_benchmarks([], [0])
+
+
+def test_cli_writes_json_and_plot(tmp_path):
+    pytest.importorskip("onnxruntime")
+    result = CliRunner().invoke(app, ["bench", "--backends", "torch,ort", "--precisions", "fp32", "--batch-sizes", "1,8",
+                                      "--duration", "0.01", "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["matmul_peak_gflops"] > 0
+    assert {(r["backend"], r["batch"]) for r in report["rows"]} >= {("torch", 8), ("ort", 1), ("torch-eager", 1)}
+    assert (tmp_path / "b.png").stat().st_size > 1000
+    assert "samples/s" in result.output and "vs eager" in result.output
