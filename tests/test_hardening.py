@@ -1,0 +1,175 @@
+"""Nothing lost, bounded memory, safe under concurrency and out-of-memory: proved with real processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from vae_rt.backends import BaseBackend
+from vae_rt.files import sha256_file
+from vae_rt.sampler import Sampler, draw_latents
+
+CLI = [sys.executable, "-m", "vae_rt"]
+
+
+def _start(args, tmp_path, env=None):
+    return subprocess.Popen(
+        CLI + [str(a) for a in args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def _wait_for(predicate, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_sample_killed_mid_write_leaves_no_file_under_the_final_name(tmp_path):
+    proc = _start(["sample", "--backend", "torch", "-n", 3_000_000, "--out", "big.npy"], tmp_path)
+    try:
+        assert _wait_for(lambda: any(p.stat().st_size > 10 << 20 for p in tmp_path.glob(".big.npy.*.tmp")))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+    assert not (tmp_path / "big.npy").exists()
+
+
+def test_training_killed_mid_epoch_resumes_losing_at_most_that_epoch(tmp_path, mnist_dir):
+    args = ["train", "--epochs", 2, "--data-dir", mnist_dir, "--out", "run", "--device", "cpu"]
+    proc = _start(args, tmp_path)
+    try:
+        assert _wait_for(lambda: (tmp_path / "run" / "checkpoint_1.pth").exists())
+        time.sleep(1.0)  # well inside epoch 2
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+    assert not (tmp_path / "run" / "checkpoint_2.pth").exists()
+    done = subprocess.run(CLI + [str(a) for a in args] + ["--resume"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+
+
+def test_two_processes_exporting_the_same_cache_entry_end_with_one_valid_file(tmp_path, random_checkpoint):
+    env = {"VAE_RT_CACHE_DIR": str(tmp_path / "cache")}
+    code = f"from vae_rt.sampler import cached_onnx; print(cached_onnx(__import__('pathlib').Path({str(random_checkpoint)!r}), 'fp32'))"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **env}, stdout=subprocess.PIPE) for _ in range(2)]
+    paths = {p.communicate(timeout=300)[0].decode().strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs) and len(paths) == 1
+    (path,) = paths
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+    manifest = json.loads(open(path + ".json").read())
+    assert manifest["sha256"] == sha256_file(path)
+    leftovers = [p.name for p in (tmp_path / "cache" / "onnx").iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+def test_streaming_a_large_npy_keeps_resident_memory_bounded(tmp_path):
+    n = 400_000  # 1.25 GB of float32 images
+    script = (
+        "import resource, sys; from vae_rt.cli import main; sys.argv = ['vae-rt', 'sample', '--backend', 'torch', "
+        f"'-n', '{n}', '--out', 'x.npy']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    peak_mib = int(done.stdout.strip().splitlines()[-1]) / 1024
+    output_mib = (tmp_path / "x.npy").stat().st_size / 2**20
+    assert output_mib > 1200
+    assert peak_mib < 1024 and peak_mib < output_mib / 2, f"peak RSS {peak_mib:.0f} MiB for {output_mib:.0f} MiB of output"
+    images = np.load(tmp_path / "x.npy", mmap_mode="r")
+    assert images.shape == (n, 1, 28, 28) and 0 <= float(images[-1].min()) and float(images[-1].max()) <= 1
+
+
+class _SmallMemoryBackend(BaseBackend):
+    """A backend whose 'device' fits at most `capacity` images per call, like a GPU running out of memory."""
+
+    name = "fake"
+
+    def __init__(self, capacity: int):
+        super().__init__("fp32", "cpu")
+        self.capacity, self.z_dim, self.calls = capacity, 2, []
+
+    def _open(self):
+        pass
+
+    def _close(self):
+        pass
+
+    def _decode(self, z):
+        self.calls.append(len(z))
+        if len(z) > self.capacity:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+        return z.sum(dim=1, keepdim=True).expand(-1, 784).contiguous()
+
+
+def test_out_of_memory_halves_the_batch_and_retries(caplog):
+    backend = _SmallMemoryBackend(capacity=300)
+    sampler = Sampler(backend, batch_size=1000)
+    z = draw_latents(1000, 2, seed=0)
+    images = sampler.decode(z)
+    assert torch.equal(images.view(1000, -1)[:, 0], z.sum(dim=1))
+    assert sampler.batch_size == 250 and backend.calls[:3] == [1000, 500, 250]
+    assert "retrying with batch size 250" in caplog.text
+    backend.calls.clear()
+    assert sampler.sample(600, seed=1).shape == (600, 1, 28, 28)
+    assert max(backend.calls) <= 250
+
+
+def test_out_of_memory_at_batch_one_is_raised():
+    sampler = Sampler(_SmallMemoryBackend(capacity=0), batch_size=4)
+    with pytest.raises(torch.OutOfMemoryError):
+        sampler.decode(torch.zeros(4, 2))
+
+
+def test_other_errors_are_not_mistaken_for_out_of_memory():
+    backend = _SmallMemoryBackend(capacity=10)
+
+    def broken(z):
+        raise ValueError("not a memory problem")
+
+    backend._decode = broken
+    with pytest.raises(ValueError, match="not a memory problem"):
+        Sampler(backend, batch_size=4).decode(torch.zeros(2, 2))
+
+
+def test_unwritable_output_folder(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root can write anywhere: permissions cannot be tested")
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    done = subprocess.run(CLI + ["sample", "-n", "4", "--out", str(folder / "x.png")], capture_output=True, text=True)
+    assert done.returncode == 2 and "is not writable" in done.stderr
+
+
+def test_output_under_a_file_is_a_clear_error(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    done = subprocess.run(CLI + ["sample", "-n", "4", "--out", str(tmp_path / "afile" / "x.png")], capture_output=True, text=True)
+    assert done.returncode == 2 and "does not exist" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".onnx", ".plan"])
+@pytest.mark.parametrize("content", [b"", os.urandom(4096)], ids=["empty", "random"])
+def test_empty_or_random_model_files_exit_2(tmp_path, suffix, content):
+    path = tmp_path / f"model{suffix}"
+    path.write_bytes(content)
+    backend = {".pth": "torch", ".onnx": "ort", ".plan": "trt"}[suffix]
+    done = subprocess.run(CLI + ["sample", "--model", str(path), "--backend", backend, "--out", str(tmp_path / "x.png")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
