@@ -26,6 +26,7 @@ TARGETS = [
     pytest.param(("torch", "fp32", "cpu"), id="torch-fp32-cpu"),
     pytest.param(("ort", "fp32", "cpu"), marks=NO_ORT, id="ort-fp32-cpu"),
     pytest.param(("ort", "fp16", "cpu"), marks=NO_ORT, id="ort-fp16-cpu"),
+    pytest.param(("torch", "bf16", "cpu"), id="torch-bf16-cpu"),
     pytest.param(("auto", None, "cpu"), id="auto-cpu"),
     pytest.param(("torch", "fp32", "cuda"), marks=[pytest.mark.gpu, NO_GPU], id="torch-fp32-cuda"),
     pytest.param(("torch", "fp16", "cuda"), marks=[pytest.mark.gpu, NO_GPU], id="torch-fp16-cuda"),
@@ -67,7 +68,7 @@ def test_decode(benchmark, samplers, target, batch):
     backend, precision, device = target
     benchmark.group = f"batch {batch:>5}"
     if target not in samplers:
-        samplers[target] = open_sampler(None, backend, precision, device, batch_size=max(BATCHES))
+        samplers[target] = open_sampler(None, backend, precision, device)
     sampler = samplers[target]
     benchmark.extra_info["runs_on"] = sampler.describe()
     z = draw_latents(batch, CONFIG.z_dim, seed=batch)

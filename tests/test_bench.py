@@ -24,13 +24,16 @@ def test_time_calls_honours_minimum_iterations():
 
 
 def test_targets_skip_pointless_pairs():
-    targets = bench_targets(["torch", "ort", "trt"], ["fp32", "fp16"], "cpu")
-    assert targets == [("torch", "fp32", "cpu"), ("ort", "fp32", "cpu"), ("ort", "fp16", "cpu")]
+    targets = bench_targets(["torch", "ort", "trt"], ["fp32", "fp16", "bf16"], "cpu")
+    assert targets == [("torch", "fp32", "cpu"), ("torch", "bf16", "cpu"), ("ort", "fp32", "cpu"), ("ort", "fp16", "cpu")]
+    assert bench_targets(["torch", "trt"], ["fp16"], "cpu") == []
+    assert ("trt", "fp16", "cuda") in bench_targets(["trt"], ["fp16"], "auto")  # kept, to say why it is skipped
 
 
 def test_rows_carry_ratios_against_the_eager_reference():
     pytest.importorskip("onnxruntime")
-    rows = run_benchmarks([("ort", "fp32", "cpu"), ("trt", "fp16", "cuda")], [1, 5], min_duration=0.0, peak=100.0)
+    rows, peak = run_benchmarks([("ort", "fp32", "cpu"), ("trt", "fp16", "cuda")], [1, 5], min_duration=0.0)
+    assert peak > 0
     eager = [r for r in rows if r.backend == "torch-eager"]
     ort = [r for r in rows if r.backend == "ort"]
     assert [r.batch for r in eager] == [1, 5] and [r.batch for r in ort] == [1, 5]
@@ -39,7 +42,7 @@ def test_rows_carry_ratios_against_the_eager_reference():
     for row in ort:
         assert row.samples_per_s == pytest.approx(row.batch / (row.p50_ms / 1e3))
         assert row.gflops == pytest.approx(row.samples_per_s * 1_065_984 / 1e9)
-        assert row.pct_of_peak == pytest.approx(row.gflops)  # peak given as 100 GFLOP/s
+        assert row.pct_of_peak == pytest.approx(100 * row.gflops / peak)
     skipped = [r for r in rows if r.backend == "trt"]
     assert len(skipped) == 1 and skipped[0].runs_on.startswith("skipped:")
 

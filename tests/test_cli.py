@@ -48,7 +48,7 @@ def test_sample_fp16_on_ort_is_within_fp16_tolerance(tmp_path):
 
 def test_sample_auto_says_which_backend_ran(tmp_path):
     code, output = run("sample", "--backend", "auto", "--device", "cpu", "-n", 8, "--out", tmp_path / "a.npy")
-    assert code == 0 and "with ort fp32 on CPUExecutionProvider" in output
+    assert code == 0 and "with ort fp32 on CPUExecutionProvider" in output and "backend auto: chose ort on cpu" in output
 
 
 def test_export_writes_both_onnx_files_and_skips_the_engine(tmp_path, tutorial_state_dict):
@@ -122,3 +122,10 @@ def test_device_cuda_without_cuda_exits_2():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     assert_one_line_error(["sample", "--device", "cuda"], "--device cuda")
+
+
+def test_train_prints_one_line_per_epoch_and_writes_the_run(tmp_path, mnist_dir):
+    code, output = run("train", "--epochs", 1, "--data-dir", mnist_dir, "--out", tmp_path / "run", "--device", "cpu")
+    assert code == 0, output
+    assert "epoch   1  train loss" in output and "test loss" in output and "done: 1 epochs" in output
+    assert (tmp_path / "run" / "model.pth").is_file() and (tmp_path / "run" / "checkpoint_1.pth").is_file()

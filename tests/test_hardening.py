@@ -78,19 +78,24 @@ def test_two_processes_exporting_the_same_cache_entry_end_with_one_valid_file(tm
 
 
 def test_streaming_a_large_npy_keeps_resident_memory_bounded(tmp_path):
-    n = 400_000  # 1.25 GB of float32 images
+    n = 400_000  # 1.25 GB (1196 MiB) of float32 images
     script = (
-        "import resource, sys; from vae_rt.cli import main; sys.argv = ['vae-rt', 'sample', '--backend', 'torch', "
-        f"'-n', '{n}', '--out', 'x.npy']\n"
+        "import resource, sys\n"
+        "from vae_rt.cli import main\n"
+        "import vae_rt.sampler, vae_rt.backends.pt\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"sys.argv = ['vae-rt', 'sample', '--backend', 'torch', '-n', '{n}', '--out', 'x.npy']\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     )
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    peak_mib = int(done.stdout.strip().splitlines()[-1]) / 1024
+    before, after = (int(kib) / 1024 for kib in done.stdout.strip().splitlines()[-1].split())
     output_mib = (tmp_path / "x.npy").stat().st_size / 2**20
-    assert output_mib > 1200
-    assert peak_mib < 1024 and peak_mib < output_mib / 2, f"peak RSS {peak_mib:.0f} MiB for {output_mib:.0f} MiB of output"
+    assert output_mib > 1150
+    # Peak resident memory grows by a few batches, not by the output: the libraries alone take ~700 MiB.
+    assert after - before < 256, f"peak RSS grew {after - before:.0f} MiB (from {before:.0f}) for {output_mib:.0f} MiB of output"
+    assert after < 1024
     images = np.load(tmp_path / "x.npy", mmap_mode="r")
     assert images.shape == (n, 1, 28, 28) and 0 <= float(images[-1].min()) and float(images[-1].max()) <= 1
 
@@ -110,11 +115,12 @@ class _SmallMemoryBackend(BaseBackend):
     def _close(self):
         pass
 
-    def _decode(self, z):
+    def _decode(self, z, out):
         self.calls.append(len(z))
         if len(z) > self.capacity:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
-        return z.sum(dim=1, keepdim=True).expand(-1, 784).contiguous()
+        images = z.sum(dim=1).view(-1, 1, 1, 1).expand(-1, 1, 28, 28)
+        return images.clone() if out is None else out.copy_(images)
 
 
 def test_out_of_memory_halves_the_batch_and_retries(caplog):
@@ -139,7 +145,7 @@ def test_out_of_memory_at_batch_one_is_raised():
 def test_other_errors_are_not_mistaken_for_out_of_memory():
     backend = _SmallMemoryBackend(capacity=10)
 
-    def broken(z):
+    def broken(z, out):
         raise ValueError("not a memory problem")
 
     backend._decode = broken

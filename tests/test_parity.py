@@ -26,6 +26,7 @@ CASES = [
     pytest.param("torch", "fp32", "cpu", id="torch-fp32-cpu"),
     pytest.param("ort", "fp32", "cpu", id="ort-fp32-cpu"),
     pytest.param("ort", "fp16", "cpu", id="ort-fp16-cpu"),
+    pytest.param("torch", "bf16", "cpu", id="torch-bf16-cpu"),
     pytest.param("torch", "fp32", "cuda", marks=[pytest.mark.gpu, _gpu_skip()], id="torch-fp32-cuda"),
     pytest.param("torch", "fp16", "cuda", marks=[pytest.mark.gpu, _gpu_skip()], id="torch-fp16-cuda"),
     pytest.param("torch", "bf16", "cuda", marks=[pytest.mark.gpu, _gpu_skip()], id="torch-bf16-cuda"),

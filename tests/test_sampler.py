@@ -49,7 +49,7 @@ def test_bad_latents_are_rejected_clearly(random_checkpoint, backend, z, message
 
 def test_reduced_precision_overflow_is_caught(random_checkpoint, monkeypatch):
     with open_sampler(random_checkpoint, "ort", "fp16", "cpu") as sampler:
-        monkeypatch.setattr(sampler.backend, "_decode", lambda z: torch.full((len(z), 784), float("nan")))
+        monkeypatch.setattr(sampler.backend, "_decode", lambda z, out: torch.full((len(z), 1, 28, 28), float("nan")))
         with pytest.raises(RuntimeFailure, match="NaN/Inf"):
             sampler.decode(torch.zeros(2, 2))
 
@@ -94,15 +94,14 @@ def test_onnx_export_is_cached_by_checkpoint_content(random_checkpoint):
 
 
 def test_trt_without_tensorrt_names_what_to_install(random_checkpoint):
-    pytest.importorskip("torch")
-    try:
-        import tensorrt  # noqa: F401
+    from vae_rt.engine import engine_skip_reason
 
-        pytest.skip("TensorRT is installed here")
-    except ImportError:
-        pass
-    with pytest.raises(UserError, match="tensorrt is not installed|no CUDA GPU|runs on CUDA only|torch sees no CUDA"):
+    reason = engine_skip_reason()
+    if reason is None:
+        pytest.skip("TensorRT and a GPU are present")
+    with pytest.raises(UserError, match="--backend trt: ") as info:
         open_sampler(random_checkpoint, "trt")
+    assert reason in str(info.value) and ("pip install 'vae-rt[gpu]'" in reason or "no CUDA GPU" in reason)
 
 
 def test_npy_stream_equals_the_in_memory_samples(random_checkpoint, tmp_path):

@@ -5,6 +5,7 @@ import torch
 
 import vae_rt.train as train_module
 from vae_rt.checkpoint import load_checkpoint
+from vae_rt.data import load_mnist
 from vae_rt.errors import RuntimeFailure, UserError
 from vae_rt.train import TrainOptions, train
 
@@ -64,12 +65,27 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
         (TrainOptions(lr=-1e-3), "--lr must be a positive finite number"),
         (TrainOptions(batch_size=0), "--batch-size must be at least 1"),
         (TrainOptions(lr_decay="step"), "--lr-decay must be"),
+        (TrainOptions(ema=1.0), "--ema must be in"),
+        (TrainOptions(weight_decay=float("inf")), "--weight-decay must be"),
     ],
 )
 def test_bad_options_are_rejected_before_any_work(tmp_path, options, message):
     with pytest.raises(UserError, match=message):
         train(tmp_path / "never", options, data_dir=tmp_path / "no-data")
     assert not (tmp_path / "never").exists()
+
+
+def test_moving_average_run_resumes_identically(tmp_path, mnist_dir, monkeypatch):
+    """With --ema the saved weights are the average, and resume restores both the average and the raw weights."""
+    images = load_mnist(mnist_dir)[0]
+    monkeypatch.setattr(train_module, "load_mnist", lambda data_dir: (images[:2048], images[-512:]))  # small and quick
+    options = TrainOptions(epochs=2, ema=0.9)
+    full = train(tmp_path / "full", options, device="cpu")
+    train(tmp_path / "resumed", TrainOptions(epochs=1, ema=0.9), device="cpu")
+    resumed = train(tmp_path / "resumed", TrainOptions(epochs=2), device="cpu", resume=True)
+    assert _losses(resumed) == _losses(full)
+    ckpt = torch.load(tmp_path / "full" / "checkpoint_2.pth", weights_only=True)
+    assert not torch.equal(ckpt["state_dict"]["fc1.weight"], ckpt["train_state_dict"]["fc1.weight"])
 
 
 def test_cosine_decay_reaches_zero_at_the_end():

@@ -83,11 +83,35 @@ def time_calls(fn: Callable[[], Any], warmup: float = 0.2, min_duration: float =
     return Timing(latencies)
 
 
-def matmul_peak_gflops(size: int = 2048, seconds: float = 1.0) -> float:
-    """GFLOP/s of a large float32 matmul on the CPU: the ceiling any CPU backend can reach here."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    timing = time_calls(lambda: torch.mm(a, b), warmup=0.2, min_duration=seconds, min_iterations=3)
-    return 2 * size**3 / min(timing.latencies) / 1e9
+PEAK_SIZE = 2048  # float32 [2048, 2048] @ [2048, 2048]: large enough for the BLAS to reach its peak
+
+
+def describe_machine() -> str:
+    """CPU model, its widest vector extensions and the threads torch uses: what the numbers depend on."""
+    import platform
+
+    model, flags = platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile") if f in flags]
+    return f"{model} [{' '.join(isa) or 'no AVX'}], {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def _matmul_call() -> Callable[[], torch.Tensor]:
+    a, b = torch.randn(PEAK_SIZE, PEAK_SIZE), torch.randn(PEAK_SIZE, PEAK_SIZE)
+    return lambda: torch.mm(a, b)
+
+
+def _matmul_gflops(timing: Timing) -> float:
+    return 2 * PEAK_SIZE**3 / timing.median / 1e9
 
 
 def reference_decoder(checkpoint: Path) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -104,19 +128,24 @@ def reference_decoder(checkpoint: Path) -> Callable[[torch.Tensor], torch.Tensor
 def bench_targets(backends: list[str], precisions: list[str], device: str) -> list[tuple[str, str, str]]:
     """(backend, precision, device) triples worth timing here: every device the machine has, no pointless pairs.
 
-    TensorRT runs only on CUDA and only fp16; reduced precision on the CPU is only timed on ONNX Runtime
-    (torch's CPU fp16 kernels are a slow emulation, not a serving path).
+    TensorRT runs only on CUDA and only fp16 (asked for on a machine without it, it is kept so that the
+    report says why it was skipped). On the CPU, fp16 is timed on ONNX Runtime only (torch's CPU fp16
+    GEMMs are slower than fp32 there) and bf16 on torch only (oneDNN uses AMX / AVX-512 BF16 where the
+    CPU has them; vae-rt exports no bf16 ONNX).
     """
     devices = ["cpu", "cuda"] if device == "auto" and torch.cuda.is_available() else ["cpu"] if device == "auto" else [device]
     targets = []
     for dev in devices:
         for backend in backends:
             for precision in precisions:
-                if backend == "trt" and (dev == "cpu" or precision != "fp16"):
-                    continue
-                if dev == "cpu" and precision != "fp32" and backend != "ort":
+                pointless_on_cpu = (backend, precision) in (("torch", "fp16"), ("ort", "bf16")) or (
+                    backend == "auto" and precision != "fp32"  # auto on the CPU is fp32 unless told otherwise
+                )
+                if backend == "trt" or (dev == "cpu" and pointless_on_cpu):
                     continue
                 targets.append((backend, precision, dev))
+    if "trt" in backends and "fp16" in precisions and device != "cpu":
+        targets.append(("trt", "fp16", "cuda"))  # on a machine without it, a row says why it was skipped
     return targets
 
 
@@ -125,12 +154,18 @@ def run_benchmarks(
     batch_sizes: list[int],
     model: Path | None = None,
     min_duration: float = 1.0,
-    peak: float | None = None,
+    rounds: int = 5,
     on_row: Callable[[BenchRow], None] | None = None,
-) -> list[BenchRow]:
-    """Time `decode` for each (backend, precision, device) target and batch size, plus the torch eager reference.
+) -> tuple[list[BenchRow], float]:
+    """Time `decode` for each (backend, precision, device) target and batch size, plus torch eager and a matmul.
 
-    Targets that cannot run here are reported as rows with `runs_on` = 'skipped: <why>' and no timings.
+    The measurements of one batch size are interleaved: `rounds` rounds, each giving every target
+    `min_duration / rounds` seconds. On a shared or throttling machine the drift then hits all of
+    them alike, so the ratios between rows are fair even when the absolute numbers move.
+
+    Returns:
+        The rows (targets that cannot run here as rows with `runs_on` = 'skipped: <why>') and the
+        CPU matmul peak in GFLOP/s, both from the same run.
     """
     if not batch_sizes or min(batch_sizes) < 1:
         raise UserError(f"--batch-sizes must be positive integers, got {batch_sizes}")
@@ -138,42 +173,53 @@ def run_benchmarks(
     config = load_checkpoint(checkpoint)[0].config
     flop = config.decoder_flop_per_sample
     rows: list[BenchRow] = []
-    reference = reference_decoder(checkpoint)
-    eager_p50 = {}
-    for batch in batch_sizes:
-        z = draw_latents(batch, config.z_dim, seed=batch)
-        timing = time_calls(lambda: reference(z), min_duration=min_duration)
-        eager_p50[batch] = timing.median
-        rows.append(_row(REFERENCE, "fp32", "cpu", batch, "torch fp32 eager (nn.Module, no_grad)", timing, flop))
-        if on_row:
-            on_row(rows[-1])
+    samplers = []
     for backend, precision, device in targets:
         try:
-            sampler = open_sampler(checkpoint, backend, precision, device, batch_size=max(batch_sizes))
+            samplers.append(open_sampler(checkpoint, backend, precision, device))  # its own chunking, as users get it
         except UserError as error:
             rows.append(_skipped(backend, precision, device, str(error)))
-            if on_row:
-                on_row(rows[-1])
-            continue
-        with sampler:
-            for batch in batch_sizes:
-                z = draw_latents(batch, config.z_dim, seed=batch)
-                timing = time_calls(lambda: sampler.decode(z).cpu(), min_duration=min_duration)
-                row = _row(backend, sampler.backend.precision, sampler.backend.device, batch, sampler.describe(), timing, flop)
+    reference = reference_decoder(checkpoint)
+    matmul = _matmul_call()
+    matmul_latencies: list[float] = []
+    try:
+        for batch in batch_sizes:
+            z = draw_latents(batch, config.z_dim, seed=batch)
+            calls = [reference] + [s.decode for s in samplers]
+            latencies: list[list[float]] = [[] for _ in calls]
+            for round_ in range(rounds):
+                for call, collected in zip(calls, latencies):
+                    collected += time_calls(
+                        lambda: call(z).cpu(), warmup=0.2 if round_ == 0 else 0.02,
+                        min_duration=min_duration / rounds, min_iterations=max(2, 10 // rounds),
+                    ).latencies
+                matmul_latencies += time_calls(matmul, warmup=0.0, min_duration=0.0, min_iterations=2).latencies
+            eager = _row(REFERENCE, "fp32", "cpu", batch, "torch fp32 eager (nn.Module, no_grad)", Timing(latencies[0]), flop)
+            batch_rows = [eager] + [
+                _row(s.backend.name if not s.chosen_because else "auto", s.backend.precision, s.backend.device, batch,
+                     s.describe(), Timing(collected), flop)
+                for s, collected in zip(samplers, latencies[1:])
+            ]
+            for sampler, row in zip(samplers, batch_rows[1:]):
                 if sampler.backend.device == "cuda":
                     z_device = z.cuda()
                     row.compute_p50_ms = time_calls(lambda: sampler.decode(z_device), min_duration=min_duration).median * 1e3
-                rows.append(row)
+            for row in batch_rows:
+                row.vs_torch_eager = eager.p50_ms / row.p50_ms
                 if on_row:
                     on_row(row)
+            rows += batch_rows
+    finally:
+        for sampler in samplers:
+            sampler.close()
+    peak = _matmul_gflops(Timing(matmul_latencies))
     for row in rows:
         if row.iterations:
-            row.vs_torch_eager = eager_p50[row.batch] / (row.p50_ms / 1e3)
-            if peak and row.device == "cpu":
+            if row.device == "cpu":
                 row.pct_of_peak = 100 * row.gflops / peak
             if row.cv > NOISY_CV:
                 row.notes.append(f"noisy: CV {row.cv:.0%} > {NOISY_CV:.0%}; close other programs or raise --duration")
-    return rows
+    return rows, peak
 
 
 def _row(backend: str, precision: str, device: str, batch: int, runs_on: str, timing: Timing, flop: int) -> BenchRow:

@@ -23,6 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, expor
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
+WIDE = 140  # tables are printed this wide even into a pipe, where rich would assume 80 columns
 
 ModelOption = Annotated[
     Optional[Path], typer.Option("--model", help="Checkpoint (.pth), ONNX file or TensorRT plan; default: the bundled model.")
@@ -55,6 +56,11 @@ def handle_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def print_table(table: Table) -> None:
+    """Full width even into a pipe or a file, where rich would cut columns to fit 80 characters."""
+    (out if out.is_terminal else Console(width=WIDE)).print(table)
+
+
 def progress_bar() -> Progress:
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -84,12 +90,14 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in --out.")] = False,
     keep: Annotated[int, typer.Option(help="Epoch checkpoints kept on disk.")] = 3,
     ema: Annotated[float, typer.Option(help="Score and save a moving average of the weights with this decay (0: off).")] = 0.0,
+    weight_decay: Annotated[float, typer.Option(help="Decoupled weight decay (AdamW); 0 is the tutorial's Adam.")] = 0.0,
 ) -> None:
     """Train the VAE on MNIST (the tutorial's recipe, fast)."""
     from vae_rt.train import TrainOptions
     from vae_rt.train import train as run_training
 
-    options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, z_dim=z_dim, seed=seed, keep=keep, ema=ema)
+    options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, z_dim=z_dim, seed=seed, keep=keep, ema=ema,
+                           weight_decay=weight_decay)
     if epochs is not None:
         options.check()
     with progress_bar() as bar:
@@ -205,6 +213,8 @@ def sample(
     check_count(n)
     kind = check_output(out_path, n, dtype)
     with open_sampler(model, backend, precision, device, batch_size) as sampler:
+        if sampler.chosen_because:
+            err.print(f"backend auto: {sampler.chosen_because}", highlight=False)
         started = time.perf_counter()
         if kind == "png":
             write_png(sampler.sample(n, seed), out_path)
@@ -271,7 +281,7 @@ def compare(
             row.backend, row.precision, row.runs_on, f"{r.max_abs:.3g}", f"{r.mean_abs:.3g}", f"{r.median_abs:.3g}",
             str(r.worst_sample), f"{r.nan_count}/{r.inf_count}", "[green]PASS[/green]" if r.passed else "[red]FAIL[/red]",
         )
-    out.print(table)
+    print_table(table)
     for row in rows:
         if row.skipped:
             out.print(f"skipped {row.backend} {row.precision}: {row.skipped}", highlight=False)
@@ -284,20 +294,17 @@ def compare(
 def bench(
     model: ModelOption = None,
     backends: Annotated[str, typer.Option(help="Comma-separated: auto, torch, ort, trt.")] = "auto,torch,ort,trt",
-    precisions: Annotated[str, typer.Option(help="Comma-separated: fp32, fp16, bf16.")] = "fp32,fp16",
+    precisions: Annotated[str, typer.Option(help="Comma-separated: fp32, fp16, bf16.")] = "fp32,fp16,bf16",
     device: DeviceOption = "auto",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,64,1024,8192",
-    duration: Annotated[float, typer.Option(help="Minimum seconds timed per measurement (after 0.2 s warm-up).")] = 1.0,
+    duration: Annotated[float, typer.Option(help="Seconds timed per row, spread over 5 interleaved rounds (after warm-up).")] = 1.0,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a samples/s-vs-batch plot (PNG).")] = None,
 ) -> None:
     """Latency and throughput of every backend/precision available here, in one run (trtexec-style)."""
     import json
-    import platform
 
-    import torch
-
-    from vae_rt.bench import bench_targets, matmul_peak_gflops, plot_throughput, run_benchmarks
+    from vae_rt.bench import bench_targets, describe_machine, plot_throughput, run_benchmarks
     from vae_rt.files import write_atomic
 
     try:
@@ -310,12 +317,10 @@ def bench(
         if path is not None and not path.parent.is_dir():
             raise UserError(f"{path}: folder {path.parent} does not exist")
     targets = bench_targets(_split(backends), _split(precisions), device)
-    with err.status("measuring the float32 matmul peak"):
-        peak = matmul_peak_gflops()
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    out.print(f"CPU float32 matmul peak: {peak:.1f} GFLOP/s ({machine})", highlight=False)
     with err.status("benchmarking") as status:
-        rows = run_benchmarks(targets, sizes, model, duration, peak, lambda r: status.update(f"{r.runs_on} batch {r.batch}"))
+        rows, peak = run_benchmarks(targets, sizes, model, duration, on_row=lambda r: status.update(f"{r.runs_on}, batch {r.batch}"))
+    machine = describe_machine()
+    out.print(f"CPU float32 matmul peak, measured in the same run: {peak:.1f} GFLOP/s ({machine})", highlight=False)
     table = Table("backend", "prec", "device", "batch", "samples/s", "p50 ms", "p99 ms", "GFLOP/s", "vs eager", "% peak", "CV")
     for r in rows:
         if not r.iterations:
@@ -325,7 +330,7 @@ def bench(
             f"{r.gflops:.1f}", f"{r.vs_torch_eager:.2f}x", f"{r.pct_of_peak:.0f}%" if r.pct_of_peak is not None else "-",
             f"{r.cv:.0%}" + (" !" if r.notes else ""),
         )
-    out.print(table)
+    print_table(table)
     for r in rows:
         if not r.iterations:
             out.print(f"{r.backend} {r.precision} {r.device}: {r.runs_on}", highlight=False)

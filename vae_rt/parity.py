@@ -12,7 +12,7 @@ import torch
 TOLERANCES: dict[str, tuple[float, float | None]] = {  # precision -> (max abs, mean abs or None)
     "fp32": (1e-5, None),
     "fp16": (5e-3, 5e-4),
-    "bf16": (2e-2, 2e-3),  # 8 mantissa bits: about 8x fp16's rounding error
+    "bf16": (4e-2, 4e-3),  # not in DESIGN.md: fp16's bounds x 8, for bf16's 3 fewer mantissa bits
 }
 TAIL_VALUES = (8.0, 6.0, 4.0, 3.0)  # norms far out in the prior's tails, where fp16 error and overflow grow
 

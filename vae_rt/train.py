@@ -47,6 +47,7 @@ class TrainOptions:
     seed: int = 0
     keep: int = 3  # epoch checkpoints kept on disk; older ones are deleted
     ema: float = 0.0  # > 0: score and save an exponential moving average of the weights (e.g. 0.999)
+    weight_decay: float = 0.0  # decoupled (AdamW); 0 is exactly the tutorial's Adam
 
     def check(self) -> None:
         """Reject options that cannot train, before any work is done."""
@@ -64,6 +65,8 @@ class TrainOptions:
             raise UserError(f"--keep must be at least 1, got {self.keep}")
         if not 0 <= self.ema < 1:
             raise UserError(f"--ema must be in [0, 1), got {self.ema}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise UserError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate of epoch `epoch` (1-based); stateless, so a resumed run follows the same curve."""
@@ -110,6 +113,7 @@ def train(
     train_u8, test_u8 = load_mnist(data_dir)
     x_train, x_test = to_pixels(train_u8).to(dev), to_pixels(test_u8).to(dev)
 
+    torch.manual_seed(options.seed)  # the initial weights; a resumed run overwrites them anyway
     run = _Run(VAE(VAEConfig(x_dim=x_train.shape[1], z_dim=options.z_dim)).to(dev), options, out_dir, x_train, x_test)
     if ckpt is not None:
         run.restore(ckpt)
@@ -134,7 +138,7 @@ class _Run:
     def __init__(self, model: VAE, options: TrainOptions, out_dir: Path, x_train: torch.Tensor, x_test: torch.Tensor):
         self.model, self.options, self.out_dir = model, options, out_dir
         self.x_train, self.x_test = x_train, x_test
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=options.lr)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
         self.averaged = (
             AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(options.ema), use_buffers=True) if options.ema else None
         )

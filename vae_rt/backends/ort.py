@@ -15,7 +15,7 @@ import torch
 
 from vae_rt.backends import BaseBackend
 from vae_rt.errors import UserError, require
-from vae_rt.model import INPUT_NAME, OUTPUT_NAME
+from vae_rt.model import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
 
 CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
 
@@ -121,21 +121,24 @@ class OrtBackend(BaseBackend):
     def _close(self) -> None:
         self._session = None
 
-    def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        if self.device == "cpu":
+    def _decode(self, z: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        if self.device == "cpu" and out is None:
             (images,) = self._session.run([OUTPUT_NAME], {INPUT_NAME: z.cpu().numpy()})
-            return torch.from_numpy(images)
-        return self._decode_bound(z)
+            return torch.from_numpy(images.reshape(len(images), *IMAGE_SHAPE))
+        return self._decode_bound(z, out)
 
-    def _decode_bound(self, z: torch.Tensor) -> torch.Tensor:
-        """IOBinding: ORT reads z from and writes images into torch CUDA memory directly."""
-        z = z.to("cuda", non_blocking=True).contiguous()
-        images = torch.empty((len(z), self.x_dim), dtype=torch.float32, device=z.device)
+    def _decode_bound(self, z: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """IOBinding: ORT reads z from and writes images into torch memory directly (CUDA, or `out` on the CPU)."""
+        z = z.to(self.device, non_blocking=True).contiguous()
+        images = out if out is not None else torch.empty((len(z), *IMAGE_SHAPE), dtype=torch.float32, device=z.device)
+        index = z.device.index or 0
         binding = self._session.io_binding()
-        binding.bind_input(INPUT_NAME, "cuda", z.device.index, np.float32, tuple(z.shape), z.data_ptr())
-        binding.bind_output(OUTPUT_NAME, "cuda", images.device.index, np.float32, tuple(images.shape), images.data_ptr())
-        torch.cuda.current_stream().synchronize()  # z must be in place before ORT's own stream reads it
-        self._session.run_with_iobinding(binding)  # the CUDA provider synchronizes at the end of Run
+        binding.bind_input(INPUT_NAME, self.device, index, np.float32, tuple(z.shape), z.data_ptr())
+        binding.bind_output(OUTPUT_NAME, self.device, index, np.float32, (len(z), self.x_dim), images.data_ptr())
+        if self.device == "cuda":
+            torch.cuda.current_stream().synchronize()  # z must be in place before ORT's own stream reads it
+        self._session.run_with_iobinding(binding)
+        binding.synchronize_outputs()  # images are complete before torch reads them
         return images
 
 

@@ -9,6 +9,7 @@ import torch
 
 from vae_rt.backends import BaseBackend
 from vae_rt.checkpoint import load_checkpoint
+from vae_rt.model import IMAGE_SHAPE
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 GRAPH_MAX_BATCH = 16384  # above this a launch is a rounding error next to the GEMMs; graphs would only pin memory
@@ -45,24 +46,29 @@ class TorchBackend(BaseBackend):
         self._layers, self._graphs = [], OrderedDict()
 
     @torch.inference_mode()
-    def _forward(self, z: torch.Tensor) -> torch.Tensor:
+    def _forward(self, z: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, z_dim] -> float32 [B, 784], written into `out` ([B, 784] float32) when given."""
         (w4, b4), (w5, b5), (w6, b6) = self._layers
         h = torch.addmm(b4, z.to(w4.dtype), w4).relu_()
         h = torch.addmm(b5, h, w5).relu_()
-        return torch.addmm(b6, h, w6).sigmoid_().float()
+        if out is not None and w6.dtype == torch.float32:
+            return torch.addmm(b6, h, w6, out=out).sigmoid_()
+        images = torch.addmm(b6, h, w6).sigmoid_()
+        return images.float() if out is None else out.copy_(images)
 
-    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+    def _decode(self, z: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         z = z.to(self.device, non_blocking=True)
+        flat_out = out.view(len(z), -1) if out is not None else None
         if self.use_graphs and len(z) <= GRAPH_MAX_BATCH:
-            images = self._replay(z)
+            images = self._replay(z, flat_out)
         else:
-            images = self._forward(z)
+            images = self._forward(z, flat_out)
         if self.device == "cuda":
             torch.cuda.current_stream().synchronize()
-        return images
+        return images.view(len(z), *IMAGE_SHAPE)
 
-    def _replay(self, z: torch.Tensor) -> torch.Tensor:
-        """Run the graph captured for this batch size (capturing it on first use); returns a fresh tensor."""
+    def _replay(self, z: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """Run the graph captured for this batch size (capturing it on first use); returns a fresh tensor or `out`."""
         entry = self._graphs.get(len(z))
         if entry is None:
             static_z = z.clone()
@@ -82,7 +88,8 @@ class TorchBackend(BaseBackend):
         graph, static_z, static_out = entry
         static_z.copy_(z)
         graph.replay()
-        return static_out.clone()  # the static buffer is overwritten by the next replay
+        # The static buffer is overwritten by the next replay: hand out a copy.
+        return static_out.clone() if out is None else out.copy_(static_out)
 
 
 def create(checkpoint: Path | None = None, precision: str = "fp32", device: str = "auto", **options: bool) -> TorchBackend:

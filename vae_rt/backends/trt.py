@@ -14,7 +14,7 @@ from vae_rt.backends import BaseBackend, chunk_bounds
 from vae_rt.engine import capturing_logger, current_platform, platform_mismatch
 from vae_rt.errors import RuntimeFailure, UserError, require
 from vae_rt.export import read_manifest
-from vae_rt.model import INPUT_NAME, OUTPUT_NAME
+from vae_rt.model import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
 
 
 class EngineError(UserError):
@@ -72,16 +72,16 @@ class TrtBackend(BaseBackend):
         self._context = self._engine = self._runtime = None
         self._z = self._images = None
 
-    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+    def _decode(self, z: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         z = z.to("cuda", non_blocking=True)
-        images = torch.empty((len(z), self._images.shape[1]), dtype=torch.float32, device="cuda")
+        images = out if out is not None else torch.empty((len(z), *IMAGE_SHAPE), dtype=torch.float32, device="cuda")
         self._stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self._stream):
             for start, stop in chunk_bounds(len(z), self.max_batch):
                 batch = stop - start
                 self._z[:batch].copy_(z[start:stop])
                 self._run(batch)
-                images[start:stop].copy_(self._images[:batch])
+                images[start:stop].view(batch, -1).copy_(self._images[:batch])
         self._stream.synchronize()
         return images
 
