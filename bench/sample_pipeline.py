@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from vae_rt import open_sampler
-from vae_rt.output import stream_npy
+from vae_rt.output import RING_SIZE, stream_npy
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
         decode_only = args.n / (time.perf_counter() - started)
         with tempfile.TemporaryDirectory(dir=args.dir) as folder:
             started = time.perf_counter()
-            stream_npy(sampler.iter_samples(args.n, seed=0), args.n, Path(folder) / "x.npy", args.dtype)
+            stream_npy(sampler.iter_samples(args.n, 0, reuse=RING_SIZE), args.n, Path(folder) / "x.npy", args.dtype)
             end_to_end = args.n / (time.perf_counter() - started)
         print(f"{sampler.describe()}, batch {sampler.batch_size}, n = {args.n:,}, {args.dtype}")
     print(f"decode only: {decode_only:,.0f} samples/s")

@@ -5,7 +5,16 @@ from dataclasses import asdict, fields, replace
 import pytest
 import torch
 
-from vae_rt.engine import EngineSpec, Platform, check_profile, engine_path_for, engine_skip_reason, platform_mismatch, spec_mismatches
+from vae_rt.engine import (
+    EngineSpec,
+    Platform,
+    build_engine,
+    check_profile,
+    engine_path_for,
+    engine_skip_reason,
+    platform_mismatch,
+    spec_mismatches,
+)
 from vae_rt.errors import UserError
 
 H100 = Platform(tensorrt="11.4.0", gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0", cuda="13.0")
@@ -62,3 +71,20 @@ def test_skip_reason_names_what_is_missing():
         assert "no CUDA GPU" in reason
     else:
         assert reason is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(engine_skip_reason() is not None, reason=f"needs TensorRT and a GPU: {engine_skip_reason()}")
+def test_engine_is_built_once_reused_and_rebuilt_when_corrupt(tmp_path, random_checkpoint):
+    from vae_rt.export import export_onnx, read_manifest
+    from vae_rt.files import sha256_file
+
+    onnx_path = export_onnx(random_checkpoint, tmp_path / "export", "fp16").path
+    plan, built = build_engine(onnx_path, tmp_path / "engines", "random.fp16", opt_batch=64, max_batch=1024)
+    assert built and plan.is_file()
+    manifest = read_manifest(plan)
+    assert manifest["sha256"] == sha256_file(plan) and manifest["spec"]["max_batch"] == 1024
+    assert build_engine(onnx_path, tmp_path / "engines", "random.fp16", opt_batch=64, max_batch=1024) == (plan, False)
+    plan.write_bytes(b"corrupt")
+    assert build_engine(onnx_path, tmp_path / "engines", "random.fp16", opt_batch=64, max_batch=1024)[1] is True
+    assert build_engine(onnx_path, tmp_path / "engines", "random.fp16", opt_batch=128, max_batch=1024)[1] is True

@@ -46,6 +46,26 @@ def test_sample_killed_mid_write_leaves_no_file_under_the_final_name(tmp_path):
     assert not (tmp_path / "big.npy").exists()
 
 
+def test_export_killed_mid_write_leaves_no_file_under_the_final_name(tmp_path, random_checkpoint):
+    proc = _start(["export", random_checkpoint, "--out-dir", "out", "--precision", "fp32", "--no-engine"], tmp_path)
+    try:
+        assert _wait_for(lambda: any((tmp_path / "out").glob(".random.fp32.onnx.*.tmp")), timeout=60)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+    final = tmp_path / "out" / "random.fp32.onnx"
+    assert not final.exists() and not (tmp_path / "out" / "random.fp32.onnx.json").exists()
+
+
+def test_onnx_with_other_io_names_exits_2(tmp_path):
+    path = tmp_path / "other.onnx"
+    torch.onnx.export(torch.nn.Linear(2, 784), (torch.zeros(1, 2),), str(path), input_names=["x"], output_names=["y"])
+    done = subprocess.run(CLI + ["sample", "--model", str(path), "--backend", "ort", "--out", str(tmp_path / "s.png")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "expected one input 'z'" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_training_killed_mid_epoch_resumes_losing_at_most_that_epoch(tmp_path, mnist_dir):
     args = ["train", "--epochs", 2, "--data-dir", mnist_dir, "--out", "run", "--device", "cpu"]
     proc = _start(args, tmp_path)

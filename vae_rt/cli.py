@@ -16,12 +16,14 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from vae_rt.errors import RuntimeFailure, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, export and serve the MNIST VAE decoder.")
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+# markup off: messages carry user text and pip extras like "vae-rt[gpu]", which rich would read as tags
+out = Console(soft_wrap=True, markup=False, highlight=False)
+err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
 F = TypeVar("F", bound=Callable[..., Any])
 WIDE = 140  # tables are printed this wide even into a pipe, where rich would assume 80 columns
 
@@ -44,10 +46,10 @@ def handle_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except UserError as error:
-            err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+            err.print(Text("error: ", style="red") + Text(str(error)))
             raise typer.Exit(2) from None
         except RuntimeFailure as error:
-            err.print(f"[red]failed:[/red] {error}", highlight=False, soft_wrap=True)
+            err.print(Text("failed: ", style="red") + Text(str(error)))
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("interrupted: nothing was written under a final name")
@@ -109,11 +111,11 @@ def train(
         def on_epoch(m: dict[str, Any]) -> None:
             bar.console.print(
                 f"epoch {m['epoch']:>3}  train loss {m['train_loss']:.2f}  test loss {m['test_loss']:.2f}  "
-                f"lr {m['lr']:.2e}  {m['seconds']:.1f}s", highlight=False,
+                f"lr {m['lr']:.2e}  {m['seconds']:.1f}s",
             )
 
         history = run_training(out_dir, options, data_dir, device, resume, on_step, on_epoch)
-    out.print(f"done: {len(history)} epochs, test loss {history[-1]['test_loss']:.2f}; model in {out_dir / 'model.pth'}", highlight=False)
+    out.print(f"done: {len(history)} epochs, test loss {history[-1]['test_loss']:.2f}; model in {out_dir / 'model.pth'}")
 
 
 @app.command("eval")
@@ -169,28 +171,28 @@ def export(
     for p in precisions:
         result = export_onnx(checkpoint, out_dir, p, name)
         exported[p] = result.path
-        out.print(f"wrote {result.path}  ({result.parity.summary()})", highlight=False)
+        out.print(f"wrote {result.path}  ({result.parity.summary()})")
         if p == "fp16":
             peak = max(result.activation_peak.values())
             verdict = "within fp16 range" if peak <= 65504 else "BEYOND fp16 range (65504): expect Inf/NaN"
-            out.print(f"  largest activation on the test latents: {peak:.4g}, {verdict}", highlight=False)
+            out.print(f"  largest activation on the test latents: {peak:.4g}, {verdict}")
     plan = None
     if engine is False:
         pass
     elif skip_reason:
-        out.print(f"engine skipped: {skip_reason}", highlight=False)
+        out.print(f"engine skipped: {skip_reason}")
     elif "fp16" not in exported:
-        out.print("engine skipped: it is built from the fp16 ONNX; add fp16 to --precision", highlight=False)
+        out.print("engine skipped: it is built from the fp16 ONNX; add fp16 to --precision")
     else:
         fp16_path = exported["fp16"]
         plan, built = build_engine(fp16_path, engine_dir, fp16_path.name.removesuffix(".onnx"), opt_batch, max_batch)
-        out.print(f"{'built' if built else 'reused'} {plan}", highlight=False)
+        out.print(f"{'built' if built else 'reused'} {plan}")
     if triton is not None:
         from vae_rt.triton import write_model_repository
 
         onnx_path = exported.get("fp32") or next(iter(exported.values()))
         model_dir = write_model_repository(triton, onnx_path, plan, max_batch)
-        out.print(f"wrote Triton model repository {model_dir}", highlight=False)
+        out.print(f"wrote Triton model repository {model_dir}")
 
 
 @app.command()
@@ -207,25 +209,25 @@ def sample(
     dtype: Annotated[str, typer.Option(help="Array type of a .npy: float32 (in [0, 1]) or uint8 (0..255).")] = "float32",
 ) -> None:
     """Decode n seeded latents into images: a PNG grid, or a .npy streamed to disk."""
-    from vae_rt.output import check_output, stream_npy, write_png
+    from vae_rt.output import RING_SIZE, check_output, stream_npy, write_png
     from vae_rt.sampler import check_count, open_sampler
 
     check_count(n)
     kind = check_output(out_path, n, dtype)
     with open_sampler(model, backend, precision, device, batch_size) as sampler:
         if sampler.chosen_because:
-            err.print(f"backend auto: {sampler.chosen_because}", highlight=False)
+            err.print(f"backend auto: {sampler.chosen_because}")
         started = time.perf_counter()
         if kind == "png":
             write_png(sampler.sample(n, seed), out_path)
         else:
             with progress_bar() as bar:
                 task = bar.add_task("sampling", total=n)
-                stream_npy(sampler.iter_samples(n, seed), n, out_path, dtype, lambda k: bar.advance(task, k))
+                batches = sampler.iter_samples(n, seed, reuse=RING_SIZE)
+                stream_npy(batches, n, out_path, dtype, lambda k: bar.advance(task, k))
         seconds = time.perf_counter() - started
         out.print(
-            f"wrote {n} images to {out_path} in {seconds:.2f}s ({n / seconds:,.0f} samples/s) with {sampler.describe()}",
-            highlight=False,
+            f"wrote {n} images to {out_path} in {seconds:.2f}s ({n / seconds:,.0f} samples/s) with {sampler.describe()}"
         )
 
 
@@ -250,7 +252,7 @@ def manifold(
         raise UserError(f"--out {out_path}: the manifold is a picture; use .png")
     with open_sampler(model, backend, precision, device) as sampler:
         write_png(sampler.decode(manifold_latents(grid, sampler.z_dim)), out_path, nrow=grid)
-        out.print(f"wrote {out_path} ({grid}x{grid}) with {sampler.describe()}", highlight=False)
+        out.print(f"wrote {out_path} ({grid}x{grid}) with {sampler.describe()}")
 
 
 @app.command()
@@ -273,18 +275,18 @@ def compare(
     failed = False
     for row in rows:
         if row.report is None:
-            table.add_row(row.backend, row.precision, "-", "", "", "", "", "", "[yellow]skipped[/yellow]")
+            table.add_row(row.backend, row.precision, "-", "", "", "", "", "", Text("skipped", style="yellow"))
             continue
         r = row.report
         failed |= not r.passed
         table.add_row(
             row.backend, row.precision, row.runs_on, f"{r.max_abs:.3g}", f"{r.mean_abs:.3g}", f"{r.median_abs:.3g}",
-            str(r.worst_sample), f"{r.nan_count}/{r.inf_count}", "[green]PASS[/green]" if r.passed else "[red]FAIL[/red]",
+            str(r.worst_sample), f"{r.nan_count}/{r.inf_count}", Text("PASS", style="green") if r.passed else Text("FAIL", style="red"),
         )
     print_table(table)
     for row in rows:
         if row.skipped:
-            out.print(f"skipped {row.backend} {row.precision}: {row.skipped}", highlight=False)
+            out.print(f"skipped {row.backend} {row.precision}: {row.skipped}")
     if failed:
         raise RuntimeFailure("some backends disagree with the torch fp32 reference beyond tolerance")
 
@@ -320,7 +322,7 @@ def bench(
     with err.status("benchmarking") as status:
         rows, peak = run_benchmarks(targets, sizes, model, duration, on_row=lambda r: status.update(f"{r.runs_on}, batch {r.batch}"))
     machine = describe_machine()
-    out.print(f"CPU float32 matmul peak, measured in the same run: {peak:.1f} GFLOP/s ({machine})", highlight=False)
+    out.print(f"CPU float32 matmul peak, measured in the same run: {peak:.1f} GFLOP/s ({machine})")
     table = Table("backend", "prec", "device", "batch", "samples/s", "p50 ms", "p99 ms", "GFLOP/s", "vs eager", "% peak", "CV")
     for r in rows:
         if not r.iterations:
@@ -333,18 +335,18 @@ def bench(
     print_table(table)
     for r in rows:
         if not r.iterations:
-            out.print(f"{r.backend} {r.precision} {r.device}: {r.runs_on}", highlight=False)
+            out.print(f"{r.backend} {r.precision} {r.device}: {r.runs_on}")
         elif r.compute_p50_ms is not None:
             out.print(f"{r.runs_on} batch {r.batch}: device compute p50 {r.compute_p50_ms:.4f} ms of {r.p50_ms:.4f} ms end to end")
     if any(r.notes for r in rows):
-        out.print("! = noisy (CV above 10%): close other programs or raise --duration", highlight=False)
+        out.print("! = noisy (CV above 10%): close other programs or raise --duration")
     if json_path is not None:
         report = {"machine": machine, "matmul_peak_gflops": peak, "rows": [r.as_dict() for r in rows]}
         write_atomic(json_path, json.dumps(report, indent=2) + "\n")
-        out.print(f"wrote {json_path}", highlight=False)
+        out.print(f"wrote {json_path}")
     if plot is not None:
         plot_throughput(rows, plot)
-        out.print(f"wrote {plot}", highlight=False)
+        out.print(f"wrote {plot}")
 
 
 @app.command()
@@ -354,7 +356,7 @@ def doctor() -> None:
     from vae_rt.doctor import diagnose
 
     for label, value in diagnose():
-        out.print(f"{label:<22} {value}", highlight=False)
+        out.print(f"{label:<22} {value}")
 
 
 def _split(values: str) -> list[str]:

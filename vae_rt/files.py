@@ -31,12 +31,18 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_open(path: Path, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file for writing that replaces `path` only once closed without error."""
+def atomic_open(path: Path, mode: str = "wb", durable: bool = True) -> Iterator[IO]:
+    """Open a temporary file for writing that replaces `path` only once closed without error.
+
+    `durable` syncs the data to disk before the rename (safe even across a power cut). Multi-GB
+    streams skip it: the rename still guarantees that an interrupted process leaves no partial file
+    under the final name, and waiting for the disk would add seconds after the work is done.
+    """
     with atomic_path(path) as tmp, open(tmp, mode) as f:
         yield f
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:

