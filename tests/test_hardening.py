@@ -113,9 +113,9 @@ def test_streaming_a_large_npy_keeps_resident_memory_bounded(tmp_path):
     before, after = (int(kib) / 1024 for kib in done.stdout.strip().splitlines()[-1].split())
     output_mib = (tmp_path / "x.npy").stat().st_size / 2**20
     assert output_mib > 1150
-    # Peak resident memory grows by a few batches, not by the output: the libraries alone take ~700 MiB.
+    # Peak resident memory grows by a few batches, not with the output. (The libraries themselves,
+    # torch + onnxruntime + onnx, take 0.7-1 GiB before any sampling, depending on the machine.)
     assert after - before < 256, f"peak RSS grew {after - before:.0f} MiB (from {before:.0f}) for {output_mib:.0f} MiB of output"
-    assert after < 1024
     images = np.load(tmp_path / "x.npy", mmap_mode="r")
     assert images.shape == (n, 1, 28, 28) and 0 <= float(images[-1].min()) and float(images[-1].max()) <= 1
 
