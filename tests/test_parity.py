@@ -50,7 +50,8 @@ def _latents(batch):
 
 @pytest.mark.parametrize("backend, precision, device", CASES)
 def test_backend_matches_torch_fp32(reference_model, backend, precision, device):
-    pytest.importorskip("onnxruntime") if backend == "ort" else None
+    if backend == "ort":
+        pytest.importorskip("onnxruntime")
     with open_sampler(None, backend, precision, device, batch_size=CHUNKED_BATCH) as sampler:
         for z in [_latents(b) for b in BATCHES] + [tail_latents(2)]:
             with torch.no_grad():
@@ -72,7 +73,8 @@ def test_same_seed_gives_the_same_latents_on_every_backend_and_batch_size():
             outputs.append(sampler.sample(700, seed=3))
     for other in outputs[1:]:
         assert compare(outputs[0], other, "fp32").passed
-    assert not torch.equal(outputs[0], open_sampler(None, "torch", "fp32", "cpu").sample(700, seed=4))
+    with open_sampler(None, "torch", "fp32", "cpu") as sampler:
+        assert not torch.equal(outputs[0], sampler.sample(700, seed=4))
 
 
 def test_latent_stream_does_not_depend_on_n_or_batch():
