@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from vae_rt.data import cache_dir, load_mnist
+from vae_rt.data import cache_dir
 from vae_rt.model import VAE, elbo_loss
 from vae_rt.train import TrainOptions, train
 
@@ -56,10 +56,11 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--epochs", type=int, default=1)
     args = parser.parse_args()
-    load_mnist(args.data_dir)  # verifies and unpacks into the cache the tutorial loop reads too
-    tutorial = tutorial_epochs(args.epochs, cache_dir() / "mnist")
+    # vae-rt first: it sets flush-to-zero before torch's worker threads exist, so they inherit it
+    # (see train.py); the tutorial loop then runs with those same threads, which can only help it.
     with tempfile.TemporaryDirectory() as out:
         ours = train(Path(out), TrainOptions(epochs=args.epochs), data_dir=args.data_dir, device="cpu")
+    tutorial = tutorial_epochs(args.epochs, cache_dir() / "mnist")  # the cache train() verified and unpacked
     print(f"torch threads: {torch.get_num_threads()}")
     for epoch, ((t_sec, t_loss), m) in enumerate(zip(tutorial, ours), start=1):
         print(
