@@ -1,8 +1,8 @@
 """End-to-end sampling against decode alone: how much of the decoder's speed reaches the disk.
 
 Times, in one run and at the sampler's own batch size: (1) decoding n seeded latents and dropping
-the images, (2) `vae-rt sample -n N --out x.npy` (latents, decode, conversion, streamed write,
-fsync), then prints both rates and their ratio.
+the images, (2) `vae-rt sample -n N --out x.npy` (latents, decode, conversion, streamed write;
+not fsync'ed, as `vae-rt sample` does not), then prints both rates and their ratio.
 
 Run: `python bench/sample_pipeline.py -n 1000000 [--backend auto] [--dtype float32] [--dir /tmp]`
 """
