@@ -267,9 +267,9 @@ def compare(
 ) -> None:
     """Parity report: every backend/precision against the torch fp32 reference on the same latents."""
     from vae_rt.compare import run_comparisons
+    from vae_rt.sampler import check_count
 
-    if n < 1:
-        raise UserError(f"-n must be at least 1, got {n}")
+    check_count(n)
     rows = run_comparisons(model, _split(backends), _split(precisions), device, n, seed)
     table = Table("backend", "precision", "runs on", "max abs", "mean abs", "median abs", "worst", "NaN/Inf", "result")
     failed = False
