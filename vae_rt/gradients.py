@@ -47,7 +47,7 @@ def elbo_backward(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tenso
     grad = _linear_backward(m.fc31, grad_mu, h2) + _linear_backward(m.fc32, grad_log_var, h2)
     grad = _relu_backward(grad, h2)
     grad = _relu_backward(_linear_backward(m.fc2, grad, h1), h1)
-    _linear_backward(m.fc1, grad, x, needs_input_grad=False)
+    _set_parameter_grads(m.fc1, grad, x)  # the images need no gradient
     return loss
 
 
@@ -55,16 +55,18 @@ def _linear(layer: nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
     return torch.addmm(layer.bias, inputs, layer.weight.t())
 
 
-def _linear_backward(
-    layer: nn.Linear, grad_out: torch.Tensor, inputs: torch.Tensor, needs_input_grad: bool = True
-) -> torch.Tensor | None:
-    """Set the layer's weight and bias gradients; return the gradient of its input (unless not needed)."""
+def _linear_backward(layer: nn.Linear, grad_out: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """Set the layer's weight and bias gradients; return the gradient of its input."""
+    _set_parameter_grads(layer, grad_out, inputs)
+    return grad_out @ layer.weight
+
+
+def _set_parameter_grads(layer: nn.Linear, grad_out: torch.Tensor, inputs: torch.Tensor) -> None:
     for param in (layer.weight, layer.bias):
         if param.grad is None:
             param.grad = torch.empty_like(param)
     torch.mm(grad_out.t(), inputs, out=layer.weight.grad)
     torch.sum(grad_out, 0, out=layer.bias.grad)
-    return grad_out @ layer.weight if needs_input_grad else None
 
 
 def _relu_backward(grad: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
