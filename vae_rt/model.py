@@ -43,9 +43,11 @@ class Decoder(nn.Module):
         self.fc4, self.fc5, self.fc6 = fc4, fc5, fc6
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.fc4(z))
-        h = F.relu(self.fc5(h))
-        return torch.sigmoid(self.fc6(h))
+        return torch.sigmoid(self.logits(z))
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """The pre-sigmoid output: what a BCE computed from logits needs (exact where the sigmoid saturates)."""
+        return self.fc6(F.relu(self.fc5(F.relu(self.fc4(z)))))
 
 
 class VAE(nn.Module):
@@ -96,12 +98,13 @@ def importance_weighted_nll(model: VAE, x: torch.Tensor, k: int, chunk: int = 10
         float64 [B]: the estimate of -log p(x) in nats.
     """
     mu, log_var = model.encode(x)
+    decoder = model.decoder()
     std = torch.exp(0.5 * log_var)
     log_weights = []
     for start in range(0, k, chunk):
         eps = torch.randn(min(chunk, k - start), *mu.shape, dtype=mu.dtype)
         z = mu + eps * std  # [k, B, z]
-        logits = model.fc6(F.relu(model.fc5(F.relu(model.fc4(z)))))
+        logits = decoder.logits(z)
         log_px_z = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
         log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(-1)
         log_qz_x = -0.5 * (eps.pow(2) + math.log(2 * math.pi) + log_var).sum(-1)
