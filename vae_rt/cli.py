@@ -158,9 +158,9 @@ def export(
 ) -> None:
     """Export the decoder to ONNX (fp32, fp16), check it on ONNX Runtime, and build a TensorRT engine."""
     from vae_rt.engine import build_engine, check_profile, engine_skip_reason
-    from vae_rt.export import export_onnx
+    from vae_rt.export import FP16_MAX, export_onnx
 
-    precisions = [p.strip() for p in precision.split(",") if p.strip()]
+    precisions = _split(precision)
     if not precisions or any(p not in ("fp32", "fp16") for p in precisions):
         raise UserError(f"--precision takes fp32 and/or fp16 (comma-separated), got {precision!r}")
     check_profile(opt_batch, max_batch)
@@ -174,7 +174,7 @@ def export(
         out.print(f"wrote {result.path}  ({result.parity.summary()})")
         if p == "fp16":
             peak = max(result.activation_peak.values())
-            verdict = "within fp16 range" if peak <= 65504 else "BEYOND fp16 range (65504): expect Inf/NaN"
+            verdict = "within fp16 range" if peak <= FP16_MAX else f"BEYOND fp16 range ({FP16_MAX:g}): expect Inf/NaN"
             out.print(f"  largest activation on the test latents: {peak:.4g}, {verdict}")
     plan = None
     if engine is False:

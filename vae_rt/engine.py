@@ -19,7 +19,7 @@ from typing import Any
 from vae_rt import __version__
 from vae_rt.errors import RuntimeFailure, UserError, require
 from vae_rt.export import read_manifest, write_manifest
-from vae_rt.files import atomic_path, sha256_file, write_atomic
+from vae_rt.files import sha256_file, write_atomic
 from vae_rt.model import INPUT_NAME
 
 log = logging.getLogger(__name__)
@@ -158,8 +158,7 @@ def build_engine(
         log.info("rebuilding %s: %s", path, "; ".join(reasons) or "its sha256 differs from the manifest")
     timing_cache = engine_dir / f"timing-cache.trt{platform.tensorrt}.sm{platform.compute_capability}.bin"
     plan = _build_plan(onnx_path, spec, timing_cache)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(plan)
+    write_atomic(path, plan)
     write_manifest(path, {
         "kind": "tensorrt-plan",
         "file": path.name,
