@@ -47,6 +47,17 @@ def test_bad_latents_are_rejected_clearly(random_checkpoint, backend, z, message
         sampler.decode(z)
 
 
+@pytest.mark.parametrize("backend", ["torch", "ort"])
+def test_numpy_latents_of_any_layout_decode_like_a_tensor(random_checkpoint, backend):
+    z = np.random.default_rng(3).standard_normal((6, 2), dtype=np.float32)
+    read_only = z[::-1].copy()
+    read_only.flags.writeable = False
+    with open_sampler(random_checkpoint, backend, device="cpu") as sampler:
+        expected = sampler.decode(torch.from_numpy(z[::-1].copy()))
+        for layout in (z[::-1], np.asfortranarray(z[::-1]), read_only):
+            assert torch.equal(sampler.decode(layout), expected)
+
+
 def test_reduced_precision_overflow_is_caught(random_checkpoint, monkeypatch):
     with open_sampler(random_checkpoint, "ort", "fp16", "cpu") as sampler:
         monkeypatch.setattr(sampler.backend, "_decode", lambda z, out: torch.full((len(z), 1, 28, 28), float("nan")))

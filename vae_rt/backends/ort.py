@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import torch
 
-from vae_rt.backends import BaseBackend
+from vae_rt.backends import BaseBackend, Latents, to_device
 from vae_rt.errors import UserError, require
 from vae_rt.model import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
 
@@ -121,15 +121,16 @@ class OrtBackend(BaseBackend):
     def _close(self) -> None:
         self._session = None
 
-    def _decode(self, z: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    def _decode(self, z: Latents, out: torch.Tensor | None) -> torch.Tensor:
         if self.device == "cpu" and out is None:
-            (images,) = self._session.run([OUTPUT_NAME], {INPUT_NAME: z.cpu().numpy()})
+            host_z = z if isinstance(z, np.ndarray) else z.cpu().numpy()
+            (images,) = self._session.run([OUTPUT_NAME], {INPUT_NAME: host_z})
             return torch.from_numpy(images.reshape(len(images), *IMAGE_SHAPE))
         return self._decode_bound(z, out)
 
-    def _decode_bound(self, z: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    def _decode_bound(self, z: Latents, out: torch.Tensor | None) -> torch.Tensor:
         """IOBinding: ORT reads z from and writes images into torch memory directly (CUDA, or `out` on the CPU)."""
-        z = z.to(self.device, non_blocking=True).contiguous()
+        z = to_device(z, self.device).contiguous()
         images = out if out is not None else torch.empty((len(z), *IMAGE_SHAPE), dtype=torch.float32, device=z.device)
         index = z.device.index or 0
         binding = self._session.io_binding()

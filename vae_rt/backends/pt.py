@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from vae_rt.backends import BaseBackend
+from vae_rt.backends import BaseBackend, Latents, to_device
 from vae_rt.checkpoint import load_checkpoint
 from vae_rt.model import IMAGE_SHAPE
 
@@ -56,8 +56,8 @@ class TorchBackend(BaseBackend):
         images = torch.addmm(b6, h, w6).sigmoid_()
         return images.float() if out is None else out.copy_(images)
 
-    def _decode(self, z: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-        z = z.to(self.device, non_blocking=True)
+    def _decode(self, z: Latents, out: torch.Tensor | None) -> torch.Tensor:
+        z = to_device(z, self.device)
         flat_out = out.view(len(z), -1) if out is not None else None
         if self.use_graphs and len(z) <= GRAPH_MAX_BATCH:
             images = self._replay(z, flat_out)

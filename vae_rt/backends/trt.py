@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from vae_rt.backends import BaseBackend, chunk_bounds
+from vae_rt.backends import BaseBackend, Latents, chunk_bounds, to_device
 from vae_rt.engine import capturing_logger, current_platform, platform_mismatch
 from vae_rt.errors import RuntimeFailure, UserError, require
 from vae_rt.export import read_manifest
@@ -72,8 +72,8 @@ class TrtBackend(BaseBackend):
         self._context = self._engine = self._runtime = None
         self._z = self._images = None
 
-    def _decode(self, z: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-        z = z.to("cuda", non_blocking=True)
+    def _decode(self, z: Latents, out: torch.Tensor | None) -> torch.Tensor:
+        z = to_device(z, "cuda")
         images = out if out is not None else torch.empty((len(z), *IMAGE_SHAPE), dtype=torch.float32, device="cuda")
         self._stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self._stream):
