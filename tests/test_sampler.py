@@ -1,7 +1,10 @@
+import os
+
 import numpy as np
 import pytest
 import torch
 
+from vae_rt import output
 import vae_rt.sampler as sampler_module
 from vae_rt import open_sampler
 from vae_rt.backends import chunk_bounds, get_backend
@@ -115,7 +118,10 @@ def test_trt_without_tensorrt_names_what_to_install(random_checkpoint):
     assert reason in str(info.value) and ("pip install 'vae-rt[gpu]'" in reason or "no CUDA GPU" in reason)
 
 
-def test_npy_stream_equals_the_in_memory_samples(random_checkpoint, tmp_path):
+@pytest.mark.parametrize("direct_io", [True, False], ids=["O_DIRECT", "buffered"])
+def test_npy_stream_equals_the_in_memory_samples(random_checkpoint, tmp_path, monkeypatch, direct_io):
+    if not direct_io:
+        monkeypatch.delattr(os, "O_DIRECT", raising=False)  # as on systems without it
     with open_sampler(random_checkpoint, "torch", device="cpu", batch_size=100) as sampler:
         expected = sampler.sample(250, seed=9)
         stream_npy(sampler.iter_samples(250, seed=9), 250, tmp_path / "x.npy", "float32")
@@ -124,6 +130,37 @@ def test_npy_stream_equals_the_in_memory_samples(random_checkpoint, tmp_path):
     as_uint8 = np.load(tmp_path / "x8.npy")
     assert as_uint8.dtype == np.uint8 and np.array_equal(as_uint8, to_uint8(expected).numpy())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy", "x8.npy"]
+
+
+def test_direct_writes_keep_every_byte_whatever_the_sizes(tmp_path):
+    path = tmp_path / "raw.bin"
+    path.touch()
+    chunks = [np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8) for size in (1, 4095, 5000, 1, 12288, 3)]
+    with output._open_stream(path, chunks[0].tobytes()) as f:
+        if not isinstance(f, output._DirectFile):
+            pytest.skip(f"{tmp_path}: this file system refuses O_DIRECT")
+        for chunk in chunks[1:]:
+            f.write(chunk)
+    assert path.read_bytes() == np.concatenate(chunks).tobytes()
+
+
+def test_a_file_system_refusing_direct_writes_gets_buffered_ones(random_checkpoint, tmp_path, monkeypatch):
+    def refuse(self, data):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(output._DirectFile, "write", refuse)
+    with open_sampler(random_checkpoint, "torch", device="cpu") as sampler:
+        stream_npy(sampler.iter_samples(30, seed=1), 30, tmp_path / "x.npy")
+        assert np.array_equal(np.load(tmp_path / "x.npy"), sampler.sample(30, seed=1).numpy())
+
+
+def test_npy_header_is_one_block_and_numpy_reads_it(tmp_path):
+    header = output.npy_header("uint8", (2, 1, 28, 28))
+    pixels = np.arange(2 * 784, dtype=np.uint8).reshape(2, 1, 28, 28)
+    (tmp_path / "x.npy").write_bytes(header + pixels.tobytes())
+    assert len(header) == output.BLOCK
+    assert np.array_equal(np.load(tmp_path / "x.npy"), pixels)
+    assert np.array_equal(np.load(tmp_path / "x.npy", mmap_mode="r"), pixels)
 
 
 def test_a_failing_decode_leaves_no_npy_behind(tmp_path):

@@ -8,7 +8,6 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 
 @contextlib.contextmanager
@@ -30,24 +29,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def atomic_open(path: Path, mode: str = "wb", durable: bool = True) -> Iterator[IO]:
-    """Open a temporary file for writing that replaces `path` only once closed without error.
-
-    `durable` syncs the data to disk before the rename (safe even across a power cut). Multi-GB
-    streams skip it: the rename still guarantees that an interrupted process leaves no partial file
-    under the final name, and waiting for the disk would add seconds after the work is done.
-    """
-    with atomic_path(path) as tmp, open(tmp, mode) as f:
-        yield f
-        f.flush()
-        if durable:
-            os.fsync(f.fileno())
-
-
 def write_atomic(path: Path, data: bytes | str) -> None:
-    with atomic_open(path, "wb") as f:
+    """Write `data` to `path` all or nothing; synced to disk before the rename, so safe even across a power cut."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
