@@ -99,6 +99,6 @@ def test_unreadable_onnx(tmp_path, content):
 
 def test_onnx_with_other_names_is_rejected(tmp_path):
     path = tmp_path / "other.onnx"
-    torch.onnx.export(torch.nn.Linear(2, 784), (torch.zeros(1, 2),), str(path), input_names=["x"], output_names=["y"])
+    torch.onnx.export(torch.nn.Linear(2, 784).eval(), (torch.zeros(1, 2),), str(path), input_names=["x"], output_names=["y"])
     with pytest.raises(OnnxModelError, match="expected one input 'z'"):
         inspect_onnx(path)

@@ -60,7 +60,7 @@ def test_export_killed_mid_write_leaves_no_file_under_the_final_name(tmp_path, r
 
 def test_onnx_with_other_io_names_exits_2(tmp_path):
     path = tmp_path / "other.onnx"
-    torch.onnx.export(torch.nn.Linear(2, 784), (torch.zeros(1, 2),), str(path), input_names=["x"], output_names=["y"])
+    torch.onnx.export(torch.nn.Linear(2, 784).eval(), (torch.zeros(1, 2),), str(path), input_names=["x"], output_names=["y"])
     done = subprocess.run(CLI + ["sample", "--model", str(path), "--backend", "ort", "--out", str(tmp_path / "s.png")],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "expected one input 'z'" in done.stderr and "Traceback" not in done.stderr
