@@ -1,15 +1,17 @@
 """End-to-end sampling against decode alone: how much of the decoder's speed reaches the disk.
 
-Times, in one run and at the sampler's own batch size: (1) decoding n seeded latents and dropping
-the images, (2) `vae-rt sample -n N --out x.npy` (latents, decode, conversion, streamed write;
-not fsync'ed, as `vae-rt sample` does not), then prints both rates and their ratio.
+Times, at the sampler's own batch size: (1) decoding n seeded latents and dropping the images,
+(2) `vae-rt sample -n N --out x.npy` (latents, decode, conversion, streamed write; not fsync'ed,
+as `vae-rt sample` does not). The two alternate for `--rounds` rounds, so that the drift of a shared
+machine hits both alike; each round's ratio is printed, then the median.
 
-Run: `python bench/sample_pipeline.py -n 1000000 [--backend auto] [--dtype float32] [--dir /tmp]`
+Run: `python bench/sample_pipeline.py -n 1000000 [--backend auto] [--dtype float32] [--dir /tmp] [--rounds 3]`
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -24,19 +26,22 @@ def main() -> None:
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--dtype", default="float32", choices=["float32", "uint8"])
     parser.add_argument("--dir", type=Path, default=None, help="where the .npy is written (default: a temporary folder)")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    with open_sampler(backend=args.backend) as sampler:
-        started = time.perf_counter()
-        for _ in sampler.iter_samples(args.n, seed=0):
-            pass
-        decode_only = args.n / (time.perf_counter() - started)
-        with tempfile.TemporaryDirectory(dir=args.dir) as folder:
+    ratios = []
+    with open_sampler(backend=args.backend) as sampler, tempfile.TemporaryDirectory(dir=args.dir) as folder:
+        print(f"{sampler.describe()}, batch {sampler.batch_size}, n = {args.n:,}, {args.dtype}")
+        for round_ in range(1, args.rounds + 1):
+            started = time.perf_counter()
+            for _ in sampler.iter_samples(args.n, seed=0):
+                pass
+            decode_only = args.n / (time.perf_counter() - started)
             started = time.perf_counter()
             stream_npy(sampler.iter_samples(args.n, 0, reuse=RING_SIZE), args.n, Path(folder) / "x.npy", args.dtype)
             end_to_end = args.n / (time.perf_counter() - started)
-        print(f"{sampler.describe()}, batch {sampler.batch_size}, n = {args.n:,}, {args.dtype}")
-    print(f"decode only: {decode_only:,.0f} samples/s")
-    print(f"to .npy:     {end_to_end:,.0f} samples/s ({end_to_end / decode_only:.0%} of decode only)")
+            ratios.append(end_to_end / decode_only)
+            print(f"round {round_}: decode only {decode_only:,.0f} samples/s, to .npy {end_to_end:,.0f} samples/s: {ratios[-1]:.0%}")
+    print(f"to .npy / decode only, median of {args.rounds}: {statistics.median(ratios):.0%}")
 
 
 if __name__ == "__main__":
