@@ -1,6 +1,9 @@
 """The benchmark harness runs (one tiny iteration each), so it cannot rot; speed itself is not asserted here."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -62,3 +65,25 @@ def test_cli_writes_json_and_plot(tmp_path):
     assert {(r["backend"], r["batch"]) for r in report["rows"]} >= {("torch", 8), ("ort", 1), ("torch-eager", 1)}
     assert (tmp_path / "b.png").stat().st_size > 1000
     assert "samples/s" in result.output and "vs eager" in result.output
+
+
+BENCH_SCRIPTS = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _run_script(name: str, *args: object) -> str:
+    done = subprocess.run(
+        [sys.executable, str(BENCH_SCRIPTS / name), *map(str, args)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_pipeline_script_runs(tmp_path):
+    output = _run_script("sample_pipeline.py", "-n", 3000, "--rounds", 1, "--dir", tmp_path)
+    assert "round 1: decode only" in output and "median of 1:" in output
+    assert list(tmp_path.iterdir()) == []  # its .npy lives in a temporary folder
+
+
+def test_train_speed_script_runs(mnist_dir):
+    output = _run_script("train_speed.py", "--data-dir", mnist_dir, "--epochs", 1)
+    assert "epoch 1: tutorial loop" in output and "x faster" in output
