@@ -1,3 +1,5 @@
+import contextlib
+import errno
 import os
 
 import numpy as np
@@ -152,6 +154,21 @@ def test_a_file_system_refusing_direct_writes_gets_buffered_ones(random_checkpoi
     with open_sampler(random_checkpoint, "torch", device="cpu") as sampler:
         stream_npy(sampler.iter_samples(30, seed=1), 30, tmp_path / "x.npy")
         assert np.array_equal(np.load(tmp_path / "x.npy"), sampler.sample(30, seed=1).numpy())
+
+
+def test_a_full_disk_is_one_clear_failure(tmp_path, monkeypatch):
+    class FullDisk:
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    @contextlib.contextmanager
+    def full_disk(path, header):
+        yield FullDisk()
+
+    monkeypatch.setattr(output, "_open_stream", full_disk)
+    with pytest.raises(RuntimeFailure, match=r"writing .*x.npy failed: No space left on device"):
+        stream_npy([torch.zeros(4, 1, 28, 28)], 4, tmp_path / "x.npy")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_npy_header_is_one_block_and_numpy_reads_it(tmp_path):

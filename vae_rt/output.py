@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torchvision.utils import save_image
 
-from vae_rt.errors import UserError
+from vae_rt.errors import RuntimeFailure, UserError
 from vae_rt.files import atomic_path
 from vae_rt.model import IMAGE_SHAPE
 
@@ -124,6 +124,8 @@ def stream_npy(
             pending.put(None)
             writer.join()
         if failure:
+            if isinstance(failure[0], OSError):  # a full disk, a lost mount: not a bug, no traceback
+                raise RuntimeFailure(f"writing {path} failed: {failure[0].strerror or failure[0]}") from failure[0]
             raise failure[0]
         if written != n:
             raise RuntimeError(f"expected {n} images, got {written}")
