@@ -82,9 +82,10 @@ class BaseBackend:
         raise NotImplementedError
 
     def _decode(self, z: Latents, out: torch.Tensor | None) -> torch.Tensor:
-        """float32 [B, z_dim] (numpy on the host, or a GPU tensor) -> float32 [B, 1, 28, 28] on the backend's device, into `out` if given.
+        """Checked latents (numpy on the host, a tensor on a GPU) -> float32 [B, 1, 28, 28] on the backend's device.
 
-        Each backend shapes its output the cheapest way it can: at batch 1 even a `view` shows.
+        Writes into `out` when given. Each backend shapes its output the cheapest way it can: at
+        batch 1 even a `view` shows.
         """
         raise NotImplementedError
 
