@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from vae_rt import output
 import vae_rt.sampler as sampler_module
-from vae_rt import open_sampler
+from vae_rt import open_sampler, output
 from vae_rt.backends import chunk_bounds, get_backend
 from vae_rt.errors import RuntimeFailure, UserError
 from vae_rt.output import check_output, stream_npy, to_uint8, write_png
@@ -73,7 +72,7 @@ def test_reduced_precision_overflow_is_caught(random_checkpoint, monkeypatch):
 def test_auto_prefers_onnx_runtime_on_the_cpu_and_says_why(monkeypatch):
     name, device, why = choose_backend("checkpoint", None, "cpu")
     assert (name, device) == ("ort", "cpu") and "chose ort on cpu" in why
-    monkeypatch.setattr(sampler_module, "available_providers", lambda: [])
+    monkeypatch.setattr(sampler_module, "available_providers", list)
     name, _, why = choose_backend("checkpoint", None, "cpu")
     assert name == "torch" and "onnxruntime is not installed" in why
     with pytest.raises(UserError, match="no backend can run"):

@@ -32,7 +32,7 @@ def test_two_epochs_follow_the_tutorial_and_a_resumed_run_is_identical(tmp_path,
         assert (run / name).is_file(), name
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
-    model, ckpt = load_checkpoint(run / "model.pth")
+    _, ckpt = load_checkpoint(run / "model.pth")
     assert "optimizer" not in ckpt and ckpt["metrics"][-1]["test_loss"] == full[1]["test_loss"]
 
 

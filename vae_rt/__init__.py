@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["Sampler", "open_sampler", "__version__"]
+__all__ = ["Sampler", "__version__", "open_sampler"]
 
 
 def __getattr__(name: str):

@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -28,13 +28,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 WIDE = 140  # tables are printed this wide even into a pipe, where rich would assume 80 columns
 
 ModelOption = Annotated[
-    Optional[Path], typer.Option("--model", help="Checkpoint (.pth), ONNX file or TensorRT plan; default: the bundled model.")
+    Path | None, typer.Option("--model", help="Checkpoint (.pth), ONNX file or TensorRT plan; default: the bundled model.")
 ]
 BackendOption = Annotated[str, typer.Option(help="auto, torch, ort or trt.")]
-PrecisionOption = Annotated[Optional[str], typer.Option(help="fp32, fp16 or bf16; default: the fastest safe one for the device.")]
+PrecisionOption = Annotated[str | None, typer.Option(help="fp32, fp16 or bf16; default: the fastest safe one for the device.")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 DataDirOption = Annotated[
-    Optional[Path], typer.Option(help="Folder with the four MNIST .gz files (else $VAE_RT_MNIST_DIR, else download).")
+    Path | None, typer.Option(help="Folder with the four MNIST .gz files (else $VAE_RT_MNIST_DIR, else download).")
 ]
 
 
@@ -80,7 +80,7 @@ def main_options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="
 @app.command()
 @handle_errors
 def train(
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs in all (default 10, or the resumed run's).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs in all (default 10, or the resumed run's).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per optimizer step.")] = 128,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
     lr_decay: Annotated[str, typer.Option(help="none, or cosine (to 0 over the run).")] = "none",
@@ -121,10 +121,10 @@ def train(
 @app.command("eval")
 @handle_errors
 def evaluate(
-    checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint; default: the bundled model.")] = None,
+    checkpoint: Annotated[Path | None, typer.Argument(help="Checkpoint; default: the bundled model.")] = None,
     data_dir: DataDirOption = None,
     iw_samples: Annotated[int, typer.Option(help="Also estimate -log p(x) with K importance samples (0: skip).")] = 0,
-    limit: Annotated[Optional[int], typer.Option(help="Score only the first N test images.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Score only the first N test images.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the sampling noise.")] = 0,
 ) -> None:
     """Test loss per image (negative ELBO) and, with --iw-samples, the importance-weighted NLL."""
@@ -144,17 +144,17 @@ def evaluate(
 @app.command()
 @handle_errors
 def export(
-    checkpoint: Annotated[Optional[Path], typer.Argument(help="vae-rt checkpoint or the tutorial's state_dict; default: bundled.")] = None,
+    checkpoint: Annotated[Path | None, typer.Argument(help="vae-rt checkpoint or the tutorial's state_dict; default: bundled.")] = None,
     out_dir: Annotated[Path, typer.Option(help="Folder for the ONNX files and their manifests.")] = Path("export"),
     engine_dir: Annotated[Path, typer.Option(help="Folder for TensorRT plans, manifests and the timing cache.")] = Path("engines"),
     precision: Annotated[str, typer.Option(help="Comma-separated: fp32, fp16.")] = "fp32,fp16",
     max_batch: Annotated[int, typer.Option(help="Largest batch of the TensorRT profile (and Triton's max_batch_size).")] = 65536,
     opt_batch: Annotated[int, typer.Option(help="Batch size TensorRT tunes for.")] = 1024,
     engine: Annotated[
-        Optional[bool], typer.Option("--engine/--no-engine", help="Require / skip the TensorRT engine (default: build when possible).")
+        bool | None, typer.Option("--engine/--no-engine", help="Require / skip the TensorRT engine (default: build when possible).")
     ] = None,
-    triton: Annotated[Optional[Path], typer.Option(help="Also write a Triton model repository here.")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Base name of the files (default: the checkpoint's name).")] = None,
+    triton: Annotated[Path | None, typer.Option(help="Also write a Triton model repository here.")] = None,
+    name: Annotated[str | None, typer.Option(help="Base name of the files (default: the checkpoint's name).")] = None,
 ) -> None:
     """Export the decoder to ONNX (fp32, fp16), check it on ONNX Runtime, and build a TensorRT engine."""
     from vae_rt.engine import build_engine, check_profile, engine_skip_reason
@@ -204,7 +204,7 @@ def sample(
     device: DeviceOption = "auto",
     n: Annotated[int, typer.Option("-n", "--count", help="Number of images.")] = 1024,
     seed: Annotated[int, typer.Option(help="Seed of the latents: the same z on every backend.")] = 0,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per decode call (default: per device).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per decode call (default: per device).")] = None,
     out_path: Annotated[Path, typer.Option("--out", help=".png grid or .npy array [n, 1, 28, 28].")] = Path("samples.png"),
     dtype: Annotated[str, typer.Option(help="Array type of a .npy: float32 (in [0, 1]) or uint8 (0..255).")] = "float32",
 ) -> None:
@@ -300,8 +300,8 @@ def bench(
     device: DeviceOption = "auto",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,64,1024,8192",
     duration: Annotated[float, typer.Option(help="Seconds timed per row, spread over 5 interleaved rounds (after warm-up).")] = 1.0,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON.")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Write a samples/s-vs-batch plot (PNG).")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a samples/s-vs-batch plot (PNG).")] = None,
 ) -> None:
     """Latency and throughput of every backend/precision available here, in one run (trtexec-style)."""
     import json

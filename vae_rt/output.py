@@ -106,7 +106,7 @@ def stream_npy(
                     if as_uint8 and array.dtype != np.uint8:
                         array = _to_uint8_single_thread(array, scratch)
                     f.write(array)  # buffer protocol: no extra copy
-            except BaseException as err:  # re-raised in the caller's thread
+            except BaseException as err:  # noqa: BLE001 (re-raised in the caller's thread)
                 failure.append(err)
                 while pending.get() is not None:  # drain so the producer never blocks
                     pass

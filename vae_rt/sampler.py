@@ -20,8 +20,8 @@ from vae_rt.backends import DEVICES, PRECISIONS, BaseBackend, check_choice, chun
 from vae_rt.backends.ort import CUDA_EP, available_providers
 from vae_rt.checkpoint import BUNDLED_CHECKPOINT
 from vae_rt.data import cache_dir
-from vae_rt.errors import UserError
 from vae_rt.engine import build_engine, engine_skip_reason
+from vae_rt.errors import UserError
 from vae_rt.export import export_onnx, onnx_path_for, read_manifest
 from vae_rt.files import sha256_file
 from vae_rt.model import IMAGE_SHAPE
