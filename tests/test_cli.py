@@ -1,8 +1,11 @@
 """The commands as a user types them (through typer's CliRunner): outputs, and one-line errors with exit 2."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
+import typer
 from typer.testing import CliRunner
 
 from vae_rt.cli import app
@@ -131,3 +134,14 @@ def test_train_prints_one_line_per_epoch_and_writes_the_run(tmp_path, mnist_dir)
     assert code == 0, output
     assert "epoch   1  train loss" in output and "test loss" in output and "done: 1 epochs" in output
     assert (tmp_path / "run" / "model.pth").is_file() and (tmp_path / "run" / "checkpoint_1.pth").is_file()
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "export", "sample", "manifold", "compare", "bench", "doctor"])
+def test_help_texts_keep_their_brackets(command):
+    """rich reads some `[...]` in help texts as markup and silently drops them from --help."""
+    code, output = run(command, "--help")
+    assert code == 0, output
+    shown = " ".join(re.sub(r"[│╭╮╰╯─]", " ", output).split())
+    for param in typer.main.get_command(app).commands[command].params:
+        for bracketed in re.findall(r"\[[^\]]*\]", getattr(param, "help", None) or ""):
+            assert " ".join(bracketed.split()) in shown, f"{command} --help lost {bracketed!r}"

@@ -205,7 +205,7 @@ def sample(
     n: Annotated[int, typer.Option("-n", "--count", help="Number of images.")] = 1024,
     seed: Annotated[int, typer.Option(help="Seed of the latents: the same z on every backend.")] = 0,
     batch_size: Annotated[int | None, typer.Option(help="Images per decode call (default: per device).")] = None,
-    out_path: Annotated[Path, typer.Option("--out", help=".png grid or .npy array [n, 1, 28, 28].")] = Path("samples.png"),
+    out_path: Annotated[Path, typer.Option("--out", help=".png grid or .npy array of shape (n, 1, 28, 28).")] = Path("samples.png"),
     dtype: Annotated[str, typer.Option(help="Array type of a .npy: float32 (in [0, 1]) or uint8 (0..255).")] = "float32",
 ) -> None:
     """Decode n seeded latents into images: a PNG grid, or a .npy streamed to disk."""
