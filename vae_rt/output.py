@@ -105,7 +105,7 @@ def stream_npy(
                     array = batch.cpu().contiguous().numpy()
                     if as_uint8 and array.dtype != np.uint8:
                         array = _to_uint8_single_thread(array, scratch)
-                    f.write(array)  # buffer protocol: no extra copy
+                    f.write(array)  # buffer protocol: no copy into bytes first
             except BaseException as err:  # noqa: BLE001 (re-raised in the caller's thread)
                 failure.append(err)
                 while pending.get() is not None:  # drain so the producer never blocks
