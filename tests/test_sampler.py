@@ -10,6 +10,7 @@ import vae_rt.sampler as sampler_module
 from vae_rt import open_sampler, output
 from vae_rt.backends import chunk_bounds, get_backend
 from vae_rt.errors import RuntimeFailure, UserError
+from vae_rt.files import BLOCK, block_aligned_empty
 from vae_rt.output import check_output, stream_npy, to_uint8, write_png
 from vae_rt.sampler import cached_onnx, choose_backend, manifold_latents
 
@@ -143,6 +144,30 @@ def test_direct_writes_keep_every_byte_whatever_the_sizes(tmp_path):
         for chunk in chunks[1:]:
             f.write(chunk)
     assert path.read_bytes() == np.concatenate(chunks).tobytes()
+
+
+@pytest.mark.parametrize("shape, dtype", [((3,), torch.uint8), ((64, 1, 28, 28), torch.float32), ((5, 7), torch.float64)])
+def test_block_aligned_memory(shape, dtype):
+    tensor = block_aligned_empty(shape, dtype)
+    assert tensor.shape == shape and tensor.dtype == dtype and tensor.is_contiguous()
+    assert tensor.data_ptr() % BLOCK == 0
+
+
+def test_aligned_batches_go_to_the_disk_without_a_copy(random_checkpoint, tmp_path):
+    path = tmp_path / "raw.bin"
+    path.touch()
+    with open_sampler(random_checkpoint, "torch", device="cpu", batch_size=64) as sampler:
+        batches = [batch.clone() for batch in sampler.iter_samples(192, seed=2, reuse=2)]
+        ring_batch = next(sampler.iter_samples(64, seed=2, reuse=2))
+    assert ring_batch.data_ptr() % BLOCK == 0  # what the sampler hands a writer
+    with output._open_stream(path, bytes(BLOCK)) as f:
+        if not isinstance(f, output._DirectFile):
+            pytest.skip(f"{tmp_path}: this file system refuses O_DIRECT")
+        for batch in batches:
+            aligned = block_aligned_empty(tuple(batch.shape), torch.float32)
+            f.write(aligned.copy_(batch).numpy())
+        assert len(f.buffer) == BLOCK  # never grew: nothing went through it
+    assert path.read_bytes() == bytes(BLOCK) + b"".join(b.numpy().tobytes() for b in batches)
 
 
 def test_a_file_system_refusing_direct_writes_gets_buffered_ones(random_checkpoint, tmp_path, monkeypatch):

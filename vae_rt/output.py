@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import mmap
 import os
 import queue
 import struct
@@ -26,14 +25,13 @@ import torch
 from torchvision.utils import save_image
 
 from vae_rt.errors import RuntimeFailure, UserError
-from vae_rt.files import atomic_path
+from vae_rt.files import BLOCK, atomic_path, block_aligned_empty
 from vae_rt.model import IMAGE_SHAPE
 
 PNG_MAX_IMAGES = 10_000  # a 100 x 100 grid (2,800 px square); beyond that write .npy
 OUTPUT_DTYPES = ("float32", "uint8")
 QUEUE_DEPTH = 4  # batches in flight between decoder and writer
 RING_SIZE = QUEUE_DEPTH + 2  # buffers a decoder may cycle through: queued + being written + being decoded
-BLOCK = 4096  # O_DIRECT needs block-aligned offsets, sizes and memory: a page is a multiple of any disk's block
 
 
 def check_output(path: Path, n: int, dtype: str) -> str:
@@ -65,7 +63,8 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 def _to_uint8_single_thread(images: np.ndarray, scratch: dict[str, np.ndarray]) -> np.ndarray:
     """`to_uint8` in numpy on the writer thread: one core, buffers reused, so the decoder keeps the others."""
     if scratch.get("float") is None or len(scratch["float"]) < len(images):
-        scratch["float"], scratch["uint8"] = np.empty_like(images), np.empty(images.shape, np.uint8)
+        scratch["float"] = np.empty_like(images)
+        scratch["uint8"] = block_aligned_empty(images.shape, torch.uint8).numpy()  # O_DIRECT writes it as it is
     floats, pixels = scratch["float"][: len(images)], scratch["uint8"][: len(images)]
     np.multiply(images, 255, out=floats)
     np.add(floats, 0.5, out=floats)
@@ -172,38 +171,40 @@ def _open_direct(path: Path, header: bytes) -> _DirectFile | None:
 class _DirectFile:
     """Appends bytes to an O_DIRECT file descriptor: whole blocks from a page-aligned staging buffer.
 
-    A batch is copied into the buffer (a fraction of what the page cache copy would cost) and written
-    in whole blocks; the remainder waits for the next write. On close the last partial block is
-    written zero-padded and the file cut back to the exact size.
+    Block-aligned batches of whole blocks (the sampler's ring buffers, 64 images at a time and up)
+    go to the disk as they are. Others are copied into the buffer and written in whole blocks; the
+    remainder waits for the next write. On close the last partial block is written zero-padded and
+    the file cut back to the exact size.
     """
 
     def __init__(self, fd: int):
         self.fd, self.size, self.pending = fd, 0, 0  # bytes written in all; bytes in the buffer not yet written
-        self.buffer = mmap.mmap(-1, BLOCK)  # anonymous mappings are page-aligned
+        self.buffer = _aligned_bytes(BLOCK)
 
     def write(self, data: np.ndarray | bytes) -> None:
-        raw = memoryview(data).cast("B")
+        raw = np.frombuffer(data, np.uint8)  # a byte view of the same memory
+        if not self.pending and len(raw) % BLOCK == 0 and raw.ctypes.data % BLOCK == 0:
+            _write_all(self.fd, memoryview(raw))
+            self.size += len(raw)
+            return
         end = self.pending + len(raw)
         if end > len(self.buffer):  # grows to the largest batch, once
-            grown = mmap.mmap(-1, -(-end // BLOCK) * BLOCK)
+            grown = _aligned_bytes(-(-end // BLOCK) * BLOCK)
             grown[: self.pending] = self.buffer[: self.pending]
             self.buffer = grown
         self.buffer[self.pending : end] = raw
         whole = end - end % BLOCK
         if whole:
-            _write_all(self.fd, memoryview(self.buffer)[:whole])
-            self.buffer[: end - whole] = self.buffer[whole:end]
+            _write_all(self.fd, memoryview(self.buffer[:whole]))
+            self.buffer[: end - whole] = self.buffer[whole:end]  # the remainder (< BLOCK, after `whole`)
         self.pending, self.size = end - whole, self.size + len(raw)
 
     def close(self, complete: bool = True) -> None:
-        """Write what is pending (when `complete`: not after a failure) and close the file.
-
-        The buffer is left to the garbage collector: an error's traceback may still hold a view of it.
-        """
+        """Write what is pending (when `complete`: not after a failure) and close the file."""
         try:
             if self.pending and complete:
-                self.buffer[self.pending : BLOCK] = bytes(BLOCK - self.pending)
-                _write_all(self.fd, memoryview(self.buffer)[:BLOCK])
+                self.buffer[self.pending : BLOCK] = 0
+                _write_all(self.fd, memoryview(self.buffer[:BLOCK]))
                 os.ftruncate(self.fd, self.size)
         finally:
             os.close(self.fd)
@@ -213,6 +214,10 @@ class _DirectFile:
 
     def __exit__(self, error_type: type[BaseException] | None, *_: object) -> None:
         self.close(complete=error_type is None)
+
+
+def _aligned_bytes(size: int) -> np.ndarray:
+    return block_aligned_empty((size,), torch.uint8).numpy()
 
 
 def _write_all(fd: int, data: memoryview) -> None:
