@@ -1,3 +1,6 @@
+import warnings
+
+import numpy as np
 import pytest
 import torch
 
@@ -113,3 +116,15 @@ def test_pickle_that_would_run_code_is_refused_and_does_not_run(tmp_path):
     with pytest.raises(CheckpointError, match="refused to load"):
         read_checkpoint(path)
     assert not marker.exists()
+
+
+def test_random_bytes_are_always_a_corrupt_checkpoint(tmp_path):
+    """Garbage fails the unpickler in many ways (IndexError, KeyError, odd-protocol warnings...): one message for all."""
+    path = tmp_path / "garbage.pth"
+    for seed in range(300):
+        rng = np.random.default_rng(seed)
+        path.write_bytes(rng.bytes(int(rng.integers(1, 8192))))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a warning would be a second line on the CLI's stderr
+            with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+                read_checkpoint(path)
