@@ -169,12 +169,12 @@ def _open_direct(path: Path, header: bytes) -> _DirectFile | None:
 
 
 class _DirectFile:
-    """Appends bytes to an O_DIRECT file descriptor: whole blocks from a page-aligned staging buffer.
+    """Appends bytes to an O_DIRECT file descriptor, in whole blocks from block-aligned memory.
 
-    Block-aligned batches of whole blocks (the sampler's ring buffers, 64 images at a time and up)
-    go to the disk as they are. Others are copied into the buffer and written in whole blocks; the
-    remainder waits for the next write. On close the last partial block is written zero-padded and
-    the file cut back to the exact size.
+    Aligned data of whole blocks goes to the disk as it is: the sampler's ring buffers, when a
+    batch holds a multiple of 64 float32 images (256 uint8). Other data is copied into an aligned
+    staging buffer and written in whole blocks; the remainder waits for the next write. On close
+    the last partial block is written zero-padded and the file cut back to the exact size.
     """
 
     def __init__(self, fd: int):
