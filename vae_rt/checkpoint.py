@@ -52,15 +52,13 @@ def read_checkpoint(path: Path | None) -> dict[str, Any]:
         with warnings.catch_warnings():  # garbage can look like an exotic pickle protocol; the error says enough
             warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._weights_only_unpickler")
             raw = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        unsafe = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
+    except Exception as err:  # random bytes fail the unpickler in many ways: IndexError, KeyError, ...
+        unsafe = isinstance(err, pickle.UnpicklingError) and re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
         if unsafe:
             raise CheckpointError(
                 f"{path}: refused to load: unpickling it would call {unsafe.group(1)} "
                 "(only tensors and plain data are loaded; never unpickle untrusted code)"
             ) from err
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?)") from err
-    except Exception as err:  # random bytes fail the unpickler in many ways: IndexError, KeyError, ...
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?)") from err
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(raw).__name__}")
