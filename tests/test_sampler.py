@@ -44,6 +44,10 @@ def test_decode_before_open_is_an_error(random_checkpoint):
         (torch.tensor([[0.0, float("nan")]]), "NaN or Inf"),
         (torch.tensor([[float("inf"), 0.0]]), "NaN or Inf"),
         ([[0.0, 0.0]], "torch tensor or numpy array"),
+        (torch.tensor(1.0), r"shape \[B, 2\]"),  # 0-d: no rows to count
+        (np.zeros((), dtype=np.float32), r"shape \[B, 2\]"),
+        (np.float32(1.0), "torch tensor or numpy array"),
+        (None, "torch tensor or numpy array"),
     ],
 )
 @pytest.mark.parametrize("backend", ["torch", "ort"])

@@ -59,20 +59,23 @@ class Sampler:
         runs out of device memory is split in halves and retried (with a warning), and the smaller
         batch size is kept for the calls that follow.
         """
+        # Not len(): torch's Tensor.__len__ is Python code (a share of a batch-1 decode) and fails on
+        # 0-d input. What is not an array at all counts 0 rows and goes to the backend's check, which names it.
+        rows = z.shape[0] if getattr(z, "ndim", 0) else 0
         while True:
             try:
-                if len(z) <= self.batch_size:
+                if rows <= self.batch_size:
                     return self.backend.decode(z, out)
                 images = out if out is not None else torch.empty(
-                    (len(z), *IMAGE_SHAPE), dtype=torch.float32, device=self.backend.device
+                    (rows, *IMAGE_SHAPE), dtype=torch.float32, device=self.backend.device
                 )
-                for a, b in chunk_bounds(len(z), self.batch_size):
+                for a, b in chunk_bounds(rows, self.batch_size):
                     self.backend.decode(z[a:b], out=images[a:b])  # straight into place: no concatenation
                 return images
             except Exception as error:
                 if not is_out_of_memory(error) or self.batch_size == 1:
                     raise
-                self.batch_size = max(1, min(self.batch_size, len(z)) // 2)
+                self.batch_size = max(1, min(self.batch_size, rows) // 2)
                 log.warning("out of device memory; retrying with batch size %d", self.batch_size)
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()

@@ -20,6 +20,7 @@ BACKENDS = {"torch": "pt", "ort": "ort", "trt": "trt"}  # public name -> module 
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 Latents = np.ndarray | torch.Tensor  # checked latents: numpy in host memory, a tensor on a GPU
+NP_FLOAT32 = np.dtype(np.float32)  # compared as a dtype: against the type np.float32, numpy converts it on every call
 
 
 class BaseBackend:
@@ -110,7 +111,7 @@ def check_latents(z: Any, z_dim: int) -> Latents:
     shape = z.shape
     if len(shape) != 2 or shape[1] != z_dim or shape[0] == 0:
         raise UserError(f"latents must have shape [B, {z_dim}] with B >= 1, got {list(shape)}")
-    if z.dtype != (np.float32 if isinstance(z, np.ndarray) else torch.float32):
+    if z.dtype != (NP_FLOAT32 if isinstance(z, np.ndarray) else torch.float32):
         raise UserError(f"latents must be float32, got {z.dtype}")
     if not _all_finite(z):
         raise UserError("latents contain NaN or Inf")
