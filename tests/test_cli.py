@@ -113,6 +113,8 @@ def test_manifold_and_eval_and_doctor(tmp_path, mnist_dir):
         (["export", "--max-batch", 8, "--opt-batch", 16, "--out-dir", "{tmp}/e"], "--opt-batch must be between"),
         (["train", "--epochs", 0, "--out", "{tmp}/r"], "--epochs must be at least 1"),
         (["train", "--lr", "nan", "--epochs", 1, "--out", "{tmp}/r"], "--lr must be a positive finite number"),
+        (["train", "--epochs", 1, "--out", "{tmp}/junk.pth"], "a file of that name is in the way"),
+        (["export", "--out-dir", "{tmp}/junk.pth/e"], "cannot create the folder (Not a directory)"),
         (["eval", "{tmp}/junk.pth"], "not a readable PyTorch checkpoint"),
         (["eval", "--data-dir", "{tmp}/no-mnist"], "does not exist"),
     ],
@@ -121,6 +123,14 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     (tmp_path / "junk.pth").write_bytes(b"\x00\x01\x02 random bytes" * 50)
     (tmp_path / "junk.onnx").write_bytes(b"\x00\x01\x02 random bytes" * 50)
     assert_one_line_error([str(a).format(tmp=tmp_path) for a in args], message)
+
+
+def test_a_path_the_system_refuses_is_one_line_and_exit_2(tmp_path, monkeypatch):
+    def refuse(images, path, nrow=None):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("vae_rt.output.write_png", refuse)  # root ignores chmod, so the refusal is simulated
+    assert_one_line_error(["sample", "-n", 4, "--backend", "torch", "--out", tmp_path / "s.png"], "s.png: Permission denied")
 
 
 def test_device_cuda_without_cuda_exits_2():

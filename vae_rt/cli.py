@@ -51,6 +51,10 @@ def handle_errors(command: F) -> F:
         except RuntimeFailure as error:
             err.print(Text("failed: ", style="red") + Text(str(error)))
             raise typer.Exit(1) from None
+        except OSError as error:  # a path given that cannot be read or written (permissions, a file for a folder)
+            where = f"{error.filename}: " if error.filename else ""
+            err.print(Text("error: ", style="red") + Text(f"{where}{error.strerror or error}"))
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("interrupted: nothing was written under a final name")
             raise typer.Exit(130) from None

@@ -19,7 +19,7 @@ from typing import Any
 from vae_rt import __version__
 from vae_rt.errors import RuntimeFailure, UserError, require
 from vae_rt.export import read_manifest, write_manifest
-from vae_rt.files import sha256_file, write_atomic
+from vae_rt.files import make_dir, sha256_file, write_atomic
 from vae_rt.model import INPUT_NAME
 
 log = logging.getLogger(__name__)
@@ -146,8 +146,7 @@ def build_engine(
         onnx_sha256=sha256_file(onnx_path), precision=precision, z_dim=z_dim, min_batch=1, opt_batch=opt_batch,
         max_batch=max_batch, optimization_level=OPTIMIZATION_LEVEL, **asdict(platform),
     )
-    engine_dir = Path(engine_dir)
-    engine_dir.mkdir(parents=True, exist_ok=True)
+    engine_dir = make_dir(engine_dir, "engine folder")
     path = engine_path_for(engine_dir, name, platform)
     manifest = read_manifest(path)
     if path.is_file():

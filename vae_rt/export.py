@@ -24,7 +24,7 @@ from torch import nn
 from vae_rt import __version__
 from vae_rt.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
 from vae_rt.errors import RuntimeFailure, UserError
-from vae_rt.files import atomic_path, sha256_file, write_atomic
+from vae_rt.files import atomic_path, make_dir, sha256_file, write_atomic
 from vae_rt.model import INPUT_NAME, OUTPUT_NAME, VAE, Decoder
 from vae_rt.parity import ParityReport, compare, parity_latents
 
@@ -88,11 +88,7 @@ def export_onnx(checkpoint: Path | None, out_dir: Path, precision: str = "fp32",
         raise UserError(f"--precision must be fp32 and/or fp16, got {precision!r}")
     source = Path(checkpoint) if checkpoint is not None else BUNDLED_CHECKPOINT
     model, _ = load_checkpoint(source)
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"--out-dir {out_dir}: cannot create it ({err.strerror})") from err
+    out_dir = make_dir(out_dir, "--out-dir")
     path = onnx_path_for(out_dir, name or source.stem, precision)
     decoder = model.decoder() if precision == "fp32" else HalfDecoder(model.decoder())
     with atomic_path(path) as tmp:

@@ -1,5 +1,6 @@
 """Write-then-rename helpers, so an interrupted run never leaves a half-written file under its final name;
-and block-aligned host memory, which O_DIRECT writes can hand to the disk without a copy."""
+output folders made with a one-line error; and block-aligned host memory, which O_DIRECT writes can
+hand to the disk without a copy."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from vae_rt.errors import UserError
 
 BLOCK = 4096  # O_DIRECT needs block-aligned offsets, sizes and memory: a page is a multiple of any disk's block
 
@@ -33,6 +36,17 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def make_dir(path: Path, option: str) -> Path:
+    """Create the folder a user named with `option` (parents too), or say in one line why it cannot be."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        why = "a file of that name is in the way" if isinstance(err, FileExistsError) else err.strerror
+        raise UserError(f"{option} {path}: cannot create the folder ({why})") from err
+    return path
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:

@@ -28,7 +28,7 @@ from vae_rt.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from vae_rt.data import load_mnist
 from vae_rt.errors import RuntimeFailure, UserError
 from vae_rt.evaluate import test_loss, to_pixels
-from vae_rt.files import atomic_path, write_atomic
+from vae_rt.files import atomic_path, make_dir, write_atomic
 from vae_rt.gradients import elbo_backward
 from vae_rt.model import VAE, VAEConfig
 
@@ -133,7 +133,7 @@ def _run(
         options = replace(options, epochs=DEFAULT_EPOCHS)
     options.check()
     dev = torch.device(resolve_device(device))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir, "--out")
     train_u8, test_u8 = load_mnist(data_dir)
     x_train, x_test = to_pixels(train_u8).to(dev), to_pixels(test_u8).to(dev)
 

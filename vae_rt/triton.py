@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from vae_rt.backends.ort import inspect_onnx
-from vae_rt.files import atomic_path, write_atomic
+from vae_rt.files import atomic_path, make_dir, write_atomic
 from vae_rt.model import INPUT_NAME, OUTPUT_NAME
 
 MODEL_NAME = "vae_decoder"
@@ -47,8 +47,7 @@ def write_model_repository(repo: Path, onnx_path: Path, plan_path: Path | None, 
     if plan_path is not None:
         models.append((f"{MODEL_NAME}_trt", "tensorrt_plan", plan_path, "model.plan"))
     for name, platform, source, filename in models:
-        version_dir = Path(repo) / name / "1"
-        version_dir.mkdir(parents=True, exist_ok=True)
+        version_dir = make_dir(Path(repo) / name / "1", "--triton")
         with atomic_path(version_dir / filename) as tmp:
             shutil.copyfile(source, tmp)
         write_atomic(version_dir.parent / "config.pbtxt", model_config(name, platform, z_dim, x_dim, max_batch))
