@@ -164,9 +164,7 @@ def export(
     from vae_rt.engine import build_engine, check_profile, engine_skip_reason
     from vae_rt.export import FP16_MAX, export_onnx
 
-    precisions = _split(precision)
-    if not precisions or any(p not in ("fp32", "fp16") for p in precisions):
-        raise UserError(f"--precision takes fp32 and/or fp16 (comma-separated), got {precision!r}")
+    precisions = _split_choices("--precision", precision, ("fp32", "fp16"))
     check_profile(opt_batch, max_batch)
     skip_reason = engine_skip_reason() if engine is not False else None
     if engine and skip_reason:
@@ -270,11 +268,13 @@ def compare(
     seed: Annotated[int, typer.Option(help="Seed of the latents.")] = 0,
 ) -> None:
     """Parity report: every backend/precision against the torch fp32 reference on the same latents."""
+    from vae_rt.backends import PRECISIONS
     from vae_rt.compare import run_comparisons
-    from vae_rt.sampler import check_count
+    from vae_rt.sampler import BACKEND_CHOICES, check_count
 
     check_count(n)
-    rows = run_comparisons(model, _split(backends), _split(precisions), device, n, seed)
+    picked = _split_choices("--backends", backends, BACKEND_CHOICES), _split_choices("--precisions", precisions, PRECISIONS)
+    rows = run_comparisons(model, *picked, device, n, seed)
     table = Table("backend", "precision", "runs on", "max abs", "mean abs", "median abs", "worst", "NaN/Inf", "result")
     failed = False
     for row in rows:
@@ -310,8 +310,10 @@ def bench(
     """Latency and throughput of every backend/precision available here, in one run (trtexec-style)."""
     import json
 
+    from vae_rt.backends import PRECISIONS
     from vae_rt.bench import bench_targets, describe_machine, plot_throughput, run_benchmarks
     from vae_rt.files import write_atomic
+    from vae_rt.sampler import BACKEND_CHOICES
 
     try:
         sizes = [int(b) for b in _split(batch_sizes)]
@@ -322,7 +324,8 @@ def bench(
     for path in (json_path, plot):
         if path is not None and not path.parent.is_dir():
             raise UserError(f"{path}: folder {path.parent} does not exist")
-    targets = bench_targets(_split(backends), _split(precisions), device)
+    picked = _split_choices("--backends", backends, BACKEND_CHOICES), _split_choices("--precisions", precisions, PRECISIONS)
+    targets = bench_targets(*picked, device)
     with err.status("benchmarking") as status:
         rows, peak = run_benchmarks(targets, sizes, model, duration, on_row=lambda r: status.update(f"{r.runs_on}, batch {r.batch}"))
     machine = describe_machine()
@@ -365,6 +368,14 @@ def doctor() -> None:
 
 def _split(values: str) -> list[str]:
     return [v.strip() for v in values.split(",") if v.strip()]
+
+
+def _split_choices(option: str, values: str, choices: tuple[str, ...]) -> list[str]:
+    """A comma-separated list of choices; a typo is an error, not a row quietly skipped."""
+    picked = _split(values)
+    if not picked or any(v not in choices for v in picked):
+        raise UserError(f"{option} takes a comma-separated list of {', '.join(choices)}; got {values!r}")
+    return picked
 
 
 def main() -> None:
