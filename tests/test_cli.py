@@ -146,7 +146,7 @@ def test_device_cuda_without_cuda_exits_2():
 def test_train_prints_one_line_per_epoch_and_writes_the_run(tmp_path, mnist_dir):
     code, output = run("train", "--epochs", 1, "--data-dir", mnist_dir, "--out", tmp_path / "run", "--device", "cpu")
     assert code == 0, output
-    assert "epoch   1  train loss" in output and "test loss" in output and "done: 1 epochs" in output
+    assert "epoch   1  train loss" in output and "test loss" in output and "done: 1 epoch, test loss" in output
     assert (tmp_path / "run" / "model.pth").is_file() and (tmp_path / "run" / "checkpoint_1.pth").is_file()
 
 

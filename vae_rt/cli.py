@@ -68,9 +68,10 @@ def print_table(table: Table) -> None:
 
 
 def progress_bar() -> Progress:
+    """A bar on a terminal; nothing in a log or a pipe, where it would only leave a blank line behind."""
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=err, transient=True,
+        console=err, transient=True, disable=not err.is_terminal,
     )
 
 
@@ -119,7 +120,8 @@ def train(
             )
 
         history = run_training(out_dir, options, data_dir, device, resume, on_step, on_epoch)
-    out.print(f"done: {len(history)} epochs, test loss {history[-1]['test_loss']:.2f}; model in {out_dir / 'model.pth'}")
+    epochs = f"{len(history)} epoch{'' if len(history) == 1 else 's'}"
+    out.print(f"done: {epochs}, test loss {history[-1]['test_loss']:.2f}; model in {out_dir / 'model.pth'}")
 
 
 @app.command("eval")
