@@ -120,6 +120,8 @@ def test_manifold_and_eval_and_doctor(tmp_path, mnist_dir):
         (["train", "--epochs", 1, "--out", "{tmp}/junk.pth"], "a file of that name is in the way"),
         (["export", "--out-dir", "{tmp}/junk.pth/e"], "cannot create the folder (Not a directory)"),
         (["eval", "{tmp}/junk.pth"], "not a readable PyTorch checkpoint"),
+        (["eval", "{tmp}/junk.onnx"], "junk.onnx: an ONNX model, not a PyTorch checkpoint; use the .pth"),
+        (["sample", "--out", "{tmp}"], "is a folder; give a file name"),
         (["eval", "--data-dir", "{tmp}/no-mnist"], "does not exist"),
     ],
 )

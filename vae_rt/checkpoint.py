@@ -36,6 +36,9 @@ def save_checkpoint(path: Path, model: VAE, **extra: Any) -> None:
         torch.save(payload, tmp)
 
 
+NOT_CHECKPOINTS = {".onnx": "an ONNX model", ".plan": "a TensorRT plan", ".engine": "a TensorRT plan"}  # said by name when unreadable
+
+
 def read_checkpoint(path: Path | None) -> dict[str, Any]:
     """Load a checkpoint file as a dict with at least `config` (VAEConfig) and `state_dict`.
 
@@ -59,6 +62,8 @@ def read_checkpoint(path: Path | None) -> dict[str, Any]:
                 f"{path}: refused to load: unpickling it would call {unsafe.group(1)} "
                 "(only tensors and plain data are loaded; never unpickle untrusted code)"
             ) from err
+        if path.suffix in NOT_CHECKPOINTS:
+            raise CheckpointError(f"{path}: {NOT_CHECKPOINTS[path.suffix]}, not a PyTorch checkpoint; use the .pth") from err
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?)") from err
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(raw).__name__}")

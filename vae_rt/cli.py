@@ -52,7 +52,8 @@ def handle_errors(command: F) -> F:
             err.print(Text("failed: ", style="red") + Text(str(error)))
             raise typer.Exit(1) from None
         except OSError as error:  # a path given that cannot be read or written (permissions, a file for a folder)
-            where = f"{error.filename}: " if error.filename else ""
+            target = error.filename2 or error.filename  # a failed rename names its destination second
+            where = f"{target}: " if target else ""
             err.print(Text("error: ", style="red") + Text(f"{where}{error.strerror or error}"))
             raise typer.Exit(2) from None
         except KeyboardInterrupt:

@@ -37,6 +37,8 @@ RING_SIZE = QUEUE_DEPTH + 2  # buffers a decoder may cycle through: queued + bei
 def check_output(path: Path, n: int, dtype: str) -> str:
     """Validate `--out` before any decoding; returns 'png' or 'npy'."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--out {path}: is a folder; give a file name")
     kind = path.suffix.lower().lstrip(".")
     if kind not in ("png", "npy"):
         raise UserError(f"--out {path}: unsupported extension; use .png (image grid) or .npy (array)")
