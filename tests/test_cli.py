@@ -114,6 +114,8 @@ def test_manifold_and_eval_and_doctor(tmp_path, mnist_dir):
         (["compare", "--precisions", "fp8"], "--precisions takes a comma-separated list of fp32, fp16, bf16"),
         (["bench", "--backends", "tensorrt"], "--backends takes a comma-separated list of"),
         (["bench", "--precisions", ","], "--precisions takes a comma-separated list of"),
+        (["bench", "--json", "{tmp}"], "is a folder; give a file name"),
+        (["bench", "--plot", "{tmp}/nowhere/b.png"], "/nowhere does not exist"),
         (["export", "--max-batch", 8, "--opt-batch", 16, "--out-dir", "{tmp}/e"], "--opt-batch must be between"),
         (["train", "--epochs", 0, "--out", "{tmp}/r"], "--epochs must be at least 1"),
         (["train", "--lr", "nan", "--epochs", 1, "--out", "{tmp}/r"], "--lr must be a positive finite number"),

@@ -324,9 +324,11 @@ def bench(
         raise UserError(f"--batch-sizes takes comma-separated integers, got {batch_sizes!r}") from None
     if duration <= 0:
         raise UserError(f"--duration must be positive, got {duration}")
-    for path in (json_path, plot):
+    for option, path in (("--json", json_path), ("--plot", plot)):  # checked now, not after minutes of timing
+        if path is not None and path.is_dir():
+            raise UserError(f"{option} {path}: is a folder; give a file name")
         if path is not None and not path.parent.is_dir():
-            raise UserError(f"{path}: folder {path.parent} does not exist")
+            raise UserError(f"{option} {path}: folder {path.parent} does not exist")
     picked = _split_choices("--backends", backends, BACKEND_CHOICES), _split_choices("--precisions", precisions, PRECISIONS)
     targets = bench_targets(*picked, device)
     with err.status("benchmarking") as status:
