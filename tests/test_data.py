@@ -25,6 +25,22 @@ def _copy(mnist_dir, tmp_path):
     return folder
 
 
+def test_a_failed_download_is_one_line_with_the_cause_and_the_way_out(tmp_path, monkeypatch):
+    class OfflineMNIST:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError(
+                "Error downloading train-images-idx3-ubyte.gz:\nTried https://example.org/mnist/, got:\n"
+                "<urlopen error [Errno -2] Name or service not known>\n"
+            )
+
+    monkeypatch.setattr("torchvision.datasets.MNIST", OfflineMNIST)
+    monkeypatch.setenv("VAE_RT_CACHE_DIR", str(tmp_path))  # nothing cached: load_mnist must download
+    with pytest.raises(DataError) as caught:
+        load_mnist()
+    message = str(caught.value)
+    assert "\n" not in message and "Name or service not known" in message and "--data-dir" in message
+
+
 def test_missing_folder(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_mnist(tmp_path / "nowhere")

@@ -47,7 +47,9 @@ def load_mnist(data_dir: Path | None = None) -> tuple[torch.Tensor, torch.Tensor
     except DataError:
         raise
     except (OSError, RuntimeError, AssertionError, ValueError) as err:
-        raise DataError(f"MNIST could not be loaded into {root}: {str(err).splitlines()[0]}") from err
+        reason = " ".join(str(err).split())  # torchvision's download errors span lines; the cause is on the last
+        offline = "" if source is not None else f"; offline? pass --data-dir or set {MNIST_DIR_ENV} to the four MNIST .gz files"
+        raise DataError(f"MNIST could not be loaded into {root}: {reason}{offline}") from err
 
 
 def _link_verified(source: Path, raw: Path, resources: list[tuple[str, str]]) -> None:
