@@ -271,13 +271,11 @@ def compare(
     seed: Annotated[int, typer.Option(help="Seed of the latents.")] = 0,
 ) -> None:
     """Parity report: every backend/precision against the torch fp32 reference on the same latents."""
-    from vae_rt.backends import PRECISIONS
     from vae_rt.compare import run_comparisons
-    from vae_rt.sampler import BACKEND_CHOICES, check_count
+    from vae_rt.sampler import check_count
 
     check_count(n)
-    picked = _split_choices("--backends", backends, BACKEND_CHOICES), _split_choices("--precisions", precisions, PRECISIONS)
-    rows = run_comparisons(model, *picked, device, n, seed)
+    rows = run_comparisons(model, *_backends_and_precisions(backends, precisions), device, n, seed)
     table = Table("backend", "precision", "runs on", "max abs", "mean abs", "median abs", "worst", "NaN/Inf", "result")
     failed = False
     for row in rows:
@@ -313,10 +311,8 @@ def bench(
     """Latency and throughput of every backend/precision available here, in one run (trtexec-style)."""
     import json
 
-    from vae_rt.backends import PRECISIONS
     from vae_rt.bench import bench_targets, describe_machine, plot_throughput, run_benchmarks
-    from vae_rt.files import write_atomic
-    from vae_rt.sampler import BACKEND_CHOICES
+    from vae_rt.files import check_file_target, write_atomic
 
     try:
         sizes = [int(b) for b in _split(batch_sizes)]
@@ -325,12 +321,9 @@ def bench(
     if duration <= 0:
         raise UserError(f"--duration must be positive, got {duration}")
     for option, path in (("--json", json_path), ("--plot", plot)):  # checked now, not after minutes of timing
-        if path is not None and path.is_dir():
-            raise UserError(f"{option} {path}: is a folder; give a file name")
-        if path is not None and not path.parent.is_dir():
-            raise UserError(f"{option} {path}: folder {path.parent} does not exist")
-    picked = _split_choices("--backends", backends, BACKEND_CHOICES), _split_choices("--precisions", precisions, PRECISIONS)
-    targets = bench_targets(*picked, device)
+        if path is not None:
+            check_file_target(option, path)
+    targets = bench_targets(*_backends_and_precisions(backends, precisions), device)
     with err.status("benchmarking") as status:
         rows, peak = run_benchmarks(targets, sizes, model, duration, on_row=lambda r: status.update(f"{r.runs_on}, batch {r.batch}"))
     machine = describe_machine()
@@ -381,6 +374,14 @@ def _split_choices(option: str, values: str, choices: tuple[str, ...]) -> list[s
     if not picked or any(v not in choices for v in picked):
         raise UserError(f"{option} takes a comma-separated list of {', '.join(choices)}; got {values!r}")
     return picked
+
+
+def _backends_and_precisions(backends: str, precisions: str) -> tuple[list[str], list[str]]:
+    """The --backends and --precisions lists of compare and bench, each entry checked."""
+    from vae_rt.backends import PRECISIONS
+    from vae_rt.sampler import BACKEND_CHOICES
+
+    return _split_choices("--backends", backends, BACKEND_CHOICES), _split_choices("--precisions", precisions, PRECISIONS)
 
 
 def main() -> None:

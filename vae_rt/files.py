@@ -49,6 +49,17 @@ def make_dir(path: Path, option: str) -> Path:
     return path
 
 
+def check_file_target(option: str, path: Path) -> None:
+    """Refuse, before any work, a file path that `option` could not be written to: a folder, or a missing or read-only parent."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {path}: is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise UserError(f"{option} {path}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise UserError(f"{option} {path}: folder {path.parent} is not writable")
+
+
 def write_atomic(path: Path, data: bytes | str) -> None:
     """Write `data` to `path` all or nothing; synced to disk before the rename, so safe even across a power cut."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:

@@ -25,7 +25,7 @@ import torch
 from torchvision.utils import save_image
 
 from vae_rt.errors import RuntimeFailure, UserError
-from vae_rt.files import BLOCK, atomic_path, block_aligned_empty
+from vae_rt.files import BLOCK, atomic_path, block_aligned_empty, check_file_target
 from vae_rt.model import IMAGE_SHAPE
 
 PNG_MAX_IMAGES = 10_000  # a 100 x 100 grid (2,800 px square); beyond that write .npy
@@ -37,18 +37,12 @@ RING_SIZE = QUEUE_DEPTH + 2  # buffers a decoder may cycle through: queued + bei
 def check_output(path: Path, n: int, dtype: str) -> str:
     """Validate `--out` before any decoding; returns 'png' or 'npy'."""
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"--out {path}: is a folder; give a file name")
+    check_file_target("--out", path)
     kind = path.suffix.lower().lstrip(".")
     if kind not in ("png", "npy"):
         raise UserError(f"--out {path}: unsupported extension; use .png (image grid) or .npy (array)")
     if dtype not in OUTPUT_DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
-    parent = path.parent
-    if not parent.is_dir():
-        raise UserError(f"--out {path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"--out {path}: folder {parent} is not writable")
     if kind == "png" and n > PNG_MAX_IMAGES:
         raise UserError(f"--out {path}: a PNG grid holds at most {PNG_MAX_IMAGES} images, asked for {n}; use .npy")
     return kind
