@@ -4,11 +4,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import MagicMock
 
 import pytest
 from typer.testing import CliRunner
 
-from vae_rt.bench import Timing, bench_targets, run_benchmarks, time_calls
+from vae_rt.bench import Timing, _end_to_end, bench_targets, run_benchmarks, time_calls
 from vae_rt.cli import app
 from vae_rt.errors import UserError
 
@@ -31,6 +32,15 @@ def test_targets_skip_pointless_pairs():
     assert targets == [("torch", "fp32", "cpu"), ("torch", "bf16", "cpu"), ("ort", "fp32", "cpu"), ("ort", "fp16", "cpu")]
     assert bench_targets(["torch", "trt"], ["fp16"], "cpu") == []
     assert ("trt", "fp16", "cuda") in bench_targets(["trt"], ["fp16"], "auto")  # kept, to say why it is skipped
+
+
+def test_timed_call_copies_to_the_host_only_from_a_gpu():
+    images = MagicMock()
+    decode = MagicMock(return_value=images)
+    assert _end_to_end(decode, "z", "cpu")() is images  # on the host already: no .cpu() to pay for
+    images.cpu.assert_not_called()
+    assert _end_to_end(decode, "z", "cuda")() is images.cpu.return_value
+    decode.assert_called_with("z")
 
 
 def test_rows_carry_ratios_against_the_eager_reference():
