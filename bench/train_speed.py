@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from vae_rt.data import cache_dir
+from vae_rt.cache import cache_dir
 from vae_rt.model import VAE, elbo_loss
 from vae_rt.train import TrainOptions, train
 

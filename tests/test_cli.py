@@ -117,7 +117,7 @@ def test_manifold_and_eval_and_doctor(tmp_path, mnist_dir):
         (["bench", "--json", "{tmp}"], "is a folder; give a file name"),
         (["bench", "--plot", "{tmp}/nowhere/b.png"], "/nowhere does not exist"),
         (["export", "--max-batch", 8, "--opt-batch", 16, "--out-dir", "{tmp}/e"], "--opt-batch must be between"),
-        (["train", "--epochs", 0, "--out", "{tmp}/r"], "--epochs must be at least 1"),
+        (["train", "--epochs", 0, "--out", "{tmp}/r"], "--epochs must be between 1 and 10000"),
         (["train", "--lr", "nan", "--epochs", 1, "--out", "{tmp}/r"], "--lr must be a positive finite number"),
         (["train", "--epochs", 1, "--out", "{tmp}/junk.pth"], "a file of that name is in the way"),
         (["export", "--out-dir", "{tmp}/junk.pth/e"], "cannot create the folder (Not a directory)"),

@@ -10,6 +10,7 @@ Run it with `vae-rt bench --json out.json --plot out.png`.
 from __future__ import annotations
 
 import functools
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -19,9 +20,11 @@ from typing import Any
 
 import torch
 
+from vae_rt.backends import resolve_device
 from vae_rt.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
 from vae_rt.errors import UserError
-from vae_rt.sampler import draw_latents, open_sampler
+from vae_rt.limits import MAX_BENCH_DURATION
+from vae_rt.sampler import MAX_BATCH, draw_latents, open_sampler
 
 NOISY_CV = 0.10  # trtexec-style warning threshold: stdev above 10% of the mean
 REFERENCE = "torch-eager"  # the tutorial's own call: the decoder module under no_grad, fp32
@@ -134,6 +137,7 @@ def bench_targets(backends: list[str], precisions: list[str], device: str) -> li
     GEMMs are slower than fp32 there) and bf16 on torch only (oneDNN uses AMX / AVX-512 BF16 where the
     CPU has them; vae-rt exports no bf16 ONNX).
     """
+    resolve_device(device)  # --device cuda without a GPU is an error here as in every command, not a table of skipped rows
     devices = ["cpu", "cuda"] if device == "auto" and torch.cuda.is_available() else ["cpu"] if device == "auto" else [device]
     targets = []
     for dev in devices:
@@ -168,8 +172,10 @@ def run_benchmarks(
         The rows (targets that cannot run here as rows with `runs_on` = 'skipped: <why>') and the
         CPU matmul peak in GFLOP/s, both from the same run.
     """
-    if not batch_sizes or min(batch_sizes) < 1:
-        raise UserError(f"--batch-sizes must be positive integers, got {batch_sizes}")
+    if not batch_sizes or min(batch_sizes) < 1 or max(batch_sizes) > MAX_BATCH:
+        raise UserError(f"--batch-sizes must be integers between 1 and {MAX_BATCH}, got {batch_sizes}")
+    if not (math.isfinite(min_duration) and 0 < min_duration <= MAX_BENCH_DURATION):
+        raise UserError(f"--duration must be more than 0 and at most {MAX_BENCH_DURATION:g} seconds, got {min_duration}")
     checkpoint = Path(model) if model is not None else BUNDLED_CHECKPOINT
     config = load_checkpoint(checkpoint)[0].config
     flop = config.decoder_flop_per_sample

@@ -13,7 +13,7 @@ import torch
 from vae_rt import __version__
 from vae_rt.errors import UserError
 from vae_rt.files import atomic_path
-from vae_rt.model import VAE, VAEConfig
+from vae_rt.model import VAE, X_DIM, VAEConfig
 
 BUNDLED_CHECKPOINT = Path(__file__).parent / "weights" / "vae_z2.pth"
 LAYERS = ("fc1", "fc2", "fc31", "fc32", "fc4", "fc5", "fc6")
@@ -73,6 +73,7 @@ def read_checkpoint(path: Path | None) -> dict[str, Any]:
     else:
         state_dict, extra = raw, {}
     config = infer_config(path, state_dict)
+    check_weights(path, state_dict)
     if isinstance(raw.get("config"), dict) and VAEConfig(**_known(raw["config"])) != config:
         raise CheckpointError(f"{path}: its config {raw['config']} does not match its weights {config.as_dict()}")
     return {"config": config, "state_dict": state_dict, **extra}
@@ -108,7 +109,21 @@ def infer_config(path: Path, state_dict: Any) -> VAEConfig:
             raise CheckpointError(
                 f"{path}: {name} has shape {tuple(state_dict[name].shape)}, expected {shape} for {config.as_dict()}"
             )
+    if x != X_DIM:
+        raise CheckpointError(f"{path}: a model of {x}-pixel images; vae-rt serves 28x28 MNIST images (x_dim {X_DIM})")
     return config
+
+
+def check_weights(path: Path, state_dict: dict[str, torch.Tensor]) -> None:
+    """Refuse, naming the tensor, weights that would decode garbage: no data (meta), not floats, NaN or Inf."""
+    for name, tensor in state_dict.items():
+        if tensor.is_meta:
+            raise CheckpointError(f"{path}: {name} holds no values (a meta tensor: saved before the weights existed)")
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{path}: {name} is {tensor.dtype}, not floating point")
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise CheckpointError(f"{path}: {name} has {bad} NaN/Inf value{'s' if bad > 1 else ''} of {tensor.numel()}; the weights are damaged")
 
 
 def _expected_shapes(c: VAEConfig) -> dict[str, tuple[int, ...]]:

@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from vae_rt.errors import RuntimeFailure, UserError
+from vae_rt.errors import RuntimeFailure, Terminated, UserError, sigterm_as_interrupt
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, export and serve the MNIST VAE decoder.")
 # markup off: messages carry user text and pip extras like "vae-rt[gpu]", which rich would read as tags
@@ -26,6 +26,7 @@ out = Console(soft_wrap=True, markup=False, highlight=False)
 err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
 F = TypeVar("F", bound=Callable[..., Any])
 WIDE = 140  # tables are printed this wide even into a pipe, where rich would assume 80 columns
+INTERRUPTED = "the file being written was removed; files already finished are kept"
 
 ModelOption = Annotated[
     Path | None, typer.Option("--model", help="Checkpoint (.pth), ONNX file or TensorRT plan; default: the bundled model.")
@@ -44,7 +45,8 @@ def handle_errors(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            with sigterm_as_interrupt():
+                return command(*args, **kwargs)
         except UserError as error:
             err.print(Text("error: ", style="red") + Text(str(error)))
             raise typer.Exit(2) from None
@@ -56,9 +58,10 @@ def handle_errors(command: F) -> F:
             where = f"{target}: " if target else ""
             err.print(Text("error: ", style="red") + Text(f"{where}{error.strerror or error}"))
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err.print("interrupted: nothing was written under a final name")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (Terminated): the file being written was removed
+            code = error.exit_code if isinstance(error, Terminated) else 130
+            err.print(f"{'terminated' if code == 143 else 'interrupted'}: {str(error) or INTERRUPTED}")
+            raise typer.Exit(code) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -87,27 +90,25 @@ def main_options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="
 @handle_errors
 def train(
     epochs: Annotated[int | None, typer.Option(help="Epochs in all (default 10, or the resumed run's).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per optimizer step.")] = 128,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
-    lr_decay: Annotated[str, typer.Option(help="none, or cosine (to 0 over the run).")] = "none",
-    z_dim: Annotated[int, typer.Option(help="Latent dimensions.")] = 2,
+    batch_size: Annotated[int | None, typer.Option(help="Images per optimizer step (default 128).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate (default 1e-3).")] = None,
+    lr_decay: Annotated[str | None, typer.Option(help="none (default), or cosine (to 0 over the run).")] = None,
+    z_dim: Annotated[int | None, typer.Option(help="Latent dimensions (default 2).")] = None,
     data_dir: DataDirOption = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints, grids, metrics.jsonl, model.pth.")] = Path("runs/vae"),
-    seed: Annotated[int, typer.Option(help="Seed of initialisation, shuffles and noise.")] = 0,
+    seed: Annotated[int | None, typer.Option(help="Seed of initialisation, shuffles and noise (default 0).")] = None,
     device: DeviceOption = "auto",
-    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in --out.")] = False,
-    keep: Annotated[int, typer.Option(help="Epoch checkpoints kept on disk.")] = 3,
-    ema: Annotated[float, typer.Option(help="Score and save a moving average of the weights with this decay (0: off).")] = 0.0,
-    weight_decay: Annotated[float, typer.Option(help="Decoupled weight decay (AdamW); 0 is the tutorial's Adam.")] = 0.0,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint, with its own options.")] = False,
+    keep: Annotated[int | None, typer.Option(help="Epoch checkpoints kept on disk (default 3).")] = None,
+    ema: Annotated[float | None, typer.Option(help="Score and save a moving average of the weights with this decay (default 0: off).")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Decoupled weight decay (AdamW); 0 (default) is the tutorial's Adam.")] = None,
 ) -> None:
     """Train the VAE on MNIST (the tutorial's recipe, fast)."""
     from vae_rt.train import TrainOptions
     from vae_rt.train import train as run_training
 
     options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, z_dim=z_dim, seed=seed, keep=keep, ema=ema,
-                           weight_decay=weight_decay)
-    if epochs is not None:
-        options.check()
+                           weight_decay=weight_decay)  # None: not given, so the default or the resumed run's
     with progress_bar() as bar:
         task = bar.add_task("epoch", total=None)
 
@@ -138,9 +139,12 @@ def evaluate(
     from vae_rt.checkpoint import load_checkpoint
     from vae_rt.data import load_mnist
     from vae_rt.evaluate import iw_nll, test_loss, to_pixels
+    from vae_rt.limits import MAX_IW_SAMPLES, check_between, check_seed
 
-    if iw_samples < 0 or (limit is not None and limit < 1):
-        raise UserError("--iw-samples must be >= 0 and --limit >= 1")
+    check_between("--iw-samples", iw_samples, 0, MAX_IW_SAMPLES)
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
+    check_seed(seed)
     model, _ = load_checkpoint(checkpoint)
     pixels = to_pixels(load_mnist(data_dir)[1])[:limit]
     out.print(f"test loss per image: {test_loss(model, pixels, seed=seed):.2f}  ({len(pixels)} images)")
@@ -214,10 +218,12 @@ def sample(
     dtype: Annotated[str, typer.Option(help="Array type of a .npy: float32 (in [0, 1]) or uint8 (0..255).")] = "float32",
 ) -> None:
     """Decode n seeded latents into images: a PNG grid, or a .npy streamed to disk."""
+    from vae_rt.limits import check_seed
     from vae_rt.output import RING_SIZE, check_output, stream_npy, write_png
     from vae_rt.sampler import check_count, open_sampler
 
     check_count(n)
+    check_seed(seed)
     kind = check_output(out_path, n, dtype)
     with open_sampler(model, backend, precision, device, batch_size) as sampler:
         if sampler.chosen_because:
@@ -318,8 +324,6 @@ def bench(
         sizes = [int(b) for b in _split(batch_sizes)]
     except ValueError:
         raise UserError(f"--batch-sizes takes comma-separated integers, got {batch_sizes!r}") from None
-    if duration <= 0:
-        raise UserError(f"--duration must be positive, got {duration}")
     for option, path in (("--json", json_path), ("--plot", plot)):  # checked now, not after minutes of timing
         if path is not None:
             check_file_target(option, path)

@@ -1,5 +1,11 @@
 """Error types that the CLI turns into one line and an exit code instead of a traceback."""
 
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
+
 
 class UserError(Exception):
     """Bad usage or bad input (a missing file, a corrupt checkpoint, a bad option): exit code 2."""
@@ -23,3 +29,24 @@ def require(module: str, extra: str):
         raise MissingDependencyError(
             f"{module} is not installed ({err}); install it with: pip install 'vae-rt[{extra}]'"
         ) from err
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a job scheduler, a container stop), raised like Ctrl-C so the same clean-up runs:
+    the temporary file being written is removed. Exit code 128 + 15."""
+
+    exit_code = 143
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM raises `Terminated` in the main thread instead of killing the process on the spot."""
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

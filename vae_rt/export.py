@@ -77,6 +77,14 @@ def write_manifest(artifact: Path, manifest: dict[str, Any]) -> Path:
     return path
 
 
+def io_contract(z_dim: int, x_dim: int) -> dict[str, list[dict[str, Any]]]:
+    """The manifest's record of a decoder's inputs and outputs, checked again whenever a cached file is reused."""
+    return {
+        "inputs": [{"name": INPUT_NAME, "shape": ["batch", z_dim], "dtype": "float32"}],
+        "outputs": [{"name": OUTPUT_NAME, "shape": ["batch", x_dim], "dtype": "float32"}],
+    }
+
+
 def export_onnx(checkpoint: Path | None, out_dir: Path, precision: str = "fp32", name: str | None = None) -> ExportedModel:
     """Export the decoder of `checkpoint` (the bundled model when None) to `out_dir/<name>.<precision>.onnx`.
 
@@ -86,6 +94,8 @@ def export_onnx(checkpoint: Path | None, out_dir: Path, precision: str = "fp32",
     """
     if precision not in ("fp32", "fp16"):
         raise UserError(f"--precision must be fp32 and/or fp16, got {precision!r}")
+    if name is not None and (Path(name).name != name or name in (".", "..")):
+        raise UserError(f"--name must be a plain file name (no folders: they go in --out-dir), got {name!r}")
     source = Path(checkpoint) if checkpoint is not None else BUNDLED_CHECKPOINT
     model, _ = load_checkpoint(source)
     out_dir = make_dir(out_dir, "--out-dir")
@@ -108,8 +118,7 @@ def export_onnx(checkpoint: Path | None, out_dir: Path, precision: str = "fp32",
         "opset": OPSET,
         "source_checkpoint": {"path": str(source), "sha256": sha256_file(source)},
         "model_config": model.config.as_dict(),
-        "inputs": [{"name": INPUT_NAME, "shape": ["batch", model.config.z_dim], "dtype": "float32"}],
-        "outputs": [{"name": OUTPUT_NAME, "shape": ["batch", model.config.x_dim], "dtype": "float32"}],
+        **io_contract(model.config.z_dim, model.config.x_dim),
         "versions": _versions(),
         "parity_vs_torch_fp32": {"provider": "CPUExecutionProvider", **parity.as_dict()},
         "activation_peak_abs": peaks,

@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,15 +28,28 @@ def atomic_path(path: Path) -> Iterator[Path]:
     processes writing the same path end with one complete file, never a mix.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _naming(err, path) from err
     os.close(fd)
     tmp_path = Path(tmp)
     tmp_path.chmod(0o644)  # mkstemp's 0600 would make artifacts unreadable to other users
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as err:
+        if str(tmp_path) not in (err.filename, err.filename2):
+            raise
+        raise _naming(err, path) from err  # the user named `path`; the temporary name means nothing to them
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _naming(err: OSError, path: Path) -> OSError:
+    """The same error about `path` (its folder when that is what is missing)."""
+    missing_folder = isinstance(err, FileNotFoundError) and not path.parent.is_dir()
+    return type(err)(err.errno, err.strerror, str(path.parent if missing_folder else path))
 
 
 def make_dir(path: Path, option: str) -> Path:
@@ -56,8 +70,34 @@ def check_file_target(option: str, path: Path) -> None:
         raise UserError(f"{option} {path}: is a folder; give a file name")
     if not path.parent.is_dir():
         raise UserError(f"{option} {path}: folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK):
-        raise UserError(f"{option} {path}: folder {path.parent} is not writable")
+    try:
+        check_writable_folder(path.parent)
+    except OSError as err:
+        raise UserError(f"{option} {path}: folder {path.parent} is not writable ({err.strerror})") from err
+
+
+def check_writable_folder(folder: Path) -> None:
+    """Raise the system's OSError when no file can be created in `folder`.
+
+    Tried, not asked: `os.access` says yes to root on a read-only mount or in /proc.
+    """
+    fd, probe = tempfile.mkstemp(prefix=".vae-rt-probe.", dir=folder)
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_free_space(option: str, path: Path, nbytes: int) -> None:
+    """Refuse, before any work, a file of `nbytes` that the file system of `path` has no room for."""
+    free = shutil.disk_usage(Path(path).parent).free
+    if nbytes > free:
+        raise UserError(f"{option} {path}: needs {format_bytes(nbytes)}, the file system has {format_bytes(free)} free")
+
+
+def format_bytes(n: int) -> str:
+    """1_234_567 -> '1.2 MB': decimal units, as `df -H` shows them."""
+    units = ("B", "kB", "MB", "GB", "TB", "PB", "EB")
+    power = min(int(math.log10(max(n, 1)) // 3), len(units) - 1)
+    return f"{n / 1000**power:.1f} {units[power]}"
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:

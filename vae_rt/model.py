@@ -15,6 +15,7 @@ from torch import nn
 INPUT_NAME = "z"  # decoder input in ONNX / TensorRT
 OUTPUT_NAME = "image"  # decoder output in ONNX / TensorRT
 IMAGE_SHAPE = (1, 28, 28)
+X_DIM = 784  # pixels of an MNIST image: every model vae-rt loads, exports or serves has this x_dim
 
 
 @dataclass(frozen=True)

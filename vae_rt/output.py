@@ -25,7 +25,7 @@ import torch
 from torchvision.utils import save_image
 
 from vae_rt.errors import RuntimeFailure, UserError
-from vae_rt.files import BLOCK, atomic_path, block_aligned_empty, check_file_target
+from vae_rt.files import BLOCK, atomic_path, block_aligned_empty, check_file_target, check_free_space
 from vae_rt.model import IMAGE_SHAPE
 
 PNG_MAX_IMAGES = 10_000  # a 100 x 100 grid (2,800 px square); beyond that write .npy
@@ -45,7 +45,15 @@ def check_output(path: Path, n: int, dtype: str) -> str:
         raise UserError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
     if kind == "png" and n > PNG_MAX_IMAGES:
         raise UserError(f"--out {path}: a PNG grid holds at most {PNG_MAX_IMAGES} images, asked for {n}; use .npy")
+    if kind == "npy":
+        check_free_space("--out", path, npy_size(n, dtype))
     return kind
+
+
+def npy_size(n: int, dtype: str) -> int:
+    """Bytes of the `.npy` that `stream_npy` writes for n images (the array is padded to whole blocks while written)."""
+    data = n * math.prod(IMAGE_SHAPE) * np.dtype(dtype).itemsize
+    return BLOCK + -(-data // BLOCK) * BLOCK
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -102,7 +110,7 @@ def stream_npy(
                         array = _to_uint8_single_thread(array, scratch)
                     f.write(array)  # buffer protocol: no copy into bytes first
             except BaseException as err:  # noqa: BLE001 (re-raised in the caller's thread)
-                failure.append(err)
+                failure.append(err)  # seen by the producer, which then stops decoding
                 while pending.get() is not None:  # drain so the producer never blocks
                     pass
 
@@ -111,6 +119,8 @@ def stream_npy(
         written = 0
         try:
             for images in batches:
+                if failure:  # the disk filled up or went away: decoding the rest would only waste time
+                    break
                 pending.put(to_uint8(images) if as_uint8 and images.is_cuda else images)
                 written += len(images)
                 if on_batch is not None:

@@ -16,14 +16,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vae_rt.backends import DEVICES, PRECISIONS, BaseBackend, check_choice, chunk_bounds, get_backend, resolve_device
+from vae_rt.backends import (
+    DEVICES,
+    PRECISIONS,
+    BaseBackend,
+    check_choice,
+    check_out,
+    chunk_bounds,
+    get_backend,
+    resolve_device,
+)
 from vae_rt.backends.ort import CUDA_EP, available_providers
+from vae_rt.cache import cache_error, cache_folder, describe, onnx_entry_problem
 from vae_rt.checkpoint import BUNDLED_CHECKPOINT
-from vae_rt.data import cache_dir
 from vae_rt.engine import build_engine, engine_skip_reason
 from vae_rt.errors import UserError
-from vae_rt.export import export_onnx, onnx_path_for, read_manifest
+from vae_rt.export import export_onnx, onnx_path_for
 from vae_rt.files import block_aligned_empty, sha256_file
+from vae_rt.limits import check_seed
 from vae_rt.model import IMAGE_SHAPE
 
 log = logging.getLogger(__name__)
@@ -66,6 +76,8 @@ class Sampler:
             try:
                 if rows <= self.batch_size:
                     return self.backend.decode(z, out)
+                if out is not None:
+                    check_out(out, rows, self.backend.device)  # the backend sees only slices of it
                 images = out if out is not None else torch.empty(
                     (rows, *IMAGE_SHAPE), dtype=torch.float32, device=self.backend.device
                 )
@@ -125,13 +137,14 @@ def check_count(n: int) -> None:
 def latent_batches(n: int, z_dim: int, seed: int, batch_size: int) -> Iterator[torch.Tensor]:
     """float32 [<= batch_size, z_dim] batches of the seed's latent stream, n rows in all."""
     check_count(n)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(check_seed(seed))
     pending = torch.empty(0, z_dim)
     for start, stop in chunk_bounds(n, batch_size):
         need = stop - start
-        blocks = [pending]
-        while sum(len(b) for b in blocks) < need:
+        blocks, have = [pending], len(pending)
+        while have < need:
             blocks.append(torch.randn(LATENT_BLOCK, z_dim, generator=generator))
+            have += LATENT_BLOCK
         pending = torch.cat(blocks) if len(blocks) > 1 else pending
         yield pending[:need]
         pending = pending[need:]
@@ -239,19 +252,24 @@ def cached_onnx(checkpoint: Path, precision: str) -> Path:
     if precision not in ("fp32", "fp16"):
         raise UserError(f"--backend ort serves fp32 or fp16 models, not {precision}")
     digest = sha256_file(checkpoint)
-    out_dir = cache_dir() / "onnx"
+    out_dir = cache_folder("onnx")
     path = onnx_path_for(out_dir, digest[:16], precision)
-    manifest = read_manifest(path)
-    if path.is_file() and manifest and manifest.get("source_checkpoint", {}).get("sha256") == digest:
-        return path
+    if path.exists():
+        problem = onnx_entry_problem(path, digest, precision)
+        if problem is None:
+            return path
+        log.warning("%s cannot be used (%s): exporting it again", describe(path), problem)
     log.info("exporting %s to %s (once; cached)", checkpoint, path)
-    return export_onnx(checkpoint, out_dir, precision, name=digest[:16]).path
+    try:
+        return export_onnx(checkpoint, out_dir, precision, name=digest[:16]).path
+    except OSError as err:  # a full or read-only cache: the variable is what the user can change
+        raise cache_error(path, err.strerror or str(err)) from err
 
 
 def cached_engine(path: Path, kind: str) -> Path:
     """A TensorRT plan for a checkpoint or ONNX file, built once per content, GPU and TensorRT version."""
     onnx_path = path if kind == "onnx" else cached_onnx(path, "fp16")
-    engine_dir = Path(os.environ.get(ENGINE_DIR_ENV) or cache_dir() / "engines")
+    engine_dir = Path(os.environ[ENGINE_DIR_ENV]) if os.environ.get(ENGINE_DIR_ENV) else cache_folder("engines")
     return build_engine(onnx_path, engine_dir, name=onnx_path.name.removesuffix(".onnx"))[0]
 
 

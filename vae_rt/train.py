@@ -15,7 +15,7 @@ import math
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,37 +30,54 @@ from vae_rt.errors import RuntimeFailure, UserError
 from vae_rt.evaluate import test_loss, to_pixels
 from vae_rt.files import atomic_path, make_dir, write_atomic
 from vae_rt.gradients import elbo_backward
+from vae_rt.limits import MAX_EPOCHS, MAX_Z_DIM, check_between, check_seed
 from vae_rt.model import VAE, VAEConfig
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint_(\d+)\.pth$")
 GRID_SAMPLES = 64
-DEFAULT_EPOCHS = 10
 
 
 @dataclass(frozen=True)
 class TrainOptions:
-    epochs: int | None = None  # None: DEFAULT_EPOCHS, or the resumed run's own count
-    batch_size: int = 128
-    lr: float = 1e-3
-    lr_decay: str = "none"  # "cosine": lr follows half a cosine from `lr` to 0 over `epochs`
-    z_dim: int = 2
-    seed: int = 0
-    keep: int = 3  # epoch checkpoints kept on disk; older ones are deleted
-    ema: float = 0.0  # > 0: score and save an exponential moving average of the weights (e.g. 0.999)
-    weight_decay: float = 0.0  # decoupled (AdamW); 0 is exactly the tutorial's Adam
+    """What a run trains with. A field left None takes its default (DEFAULTS), or on resume the run's own value."""
+
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    lr_decay: str | None = None  # "cosine": lr follows half a cosine from `lr` to 0 over `epochs`
+    z_dim: int | None = None
+    seed: int | None = None
+    keep: int | None = None  # epoch checkpoints kept on disk; older ones are deleted
+    ema: float | None = None  # > 0: score and save an exponential moving average of the weights (e.g. 0.999)
+    weight_decay: float | None = None  # decoupled (AdamW); 0 is exactly the tutorial's Adam
+
+    def resolved(self, recorded: TrainOptions | None = None) -> TrainOptions:
+        """Every field set: this one's where given, else the resumed run's (`recorded`), else the default.
+
+        Raises:
+            UserError: a given option contradicts the resumed run (only --epochs and --keep may change).
+        """
+        given = {k: v for k, v in asdict(self).items() if v is not None}
+        if recorded is not None:
+            clashes = [f"--{k.replace('_', '-')} {v} (the run has {getattr(recorded, k)})"
+                       for k, v in given.items() if k not in RESUME_MAY_CHANGE and v != getattr(recorded, k)]
+            if clashes:
+                raise UserError(
+                    f"--resume: the run was trained with other options: {', '.join(clashes)}; drop them to continue "
+                    "it, or train a new run into another --out"
+                )
+        return replace(recorded or DEFAULTS, **given)
 
     def check(self) -> None:
-        """Reject options that cannot train, before any work is done."""
-        if self.epochs < 1:
-            raise UserError(f"--epochs must be at least 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
+        """Reject options that cannot train, or would train for years, before any work is done."""
+        check_between("--epochs", self.epochs, 1, MAX_EPOCHS)
+        check_between("--batch-size", self.batch_size, 1, MNIST_TRAIN_SIZE)
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UserError(f"--lr must be a positive finite number, got {self.lr}")
-        if self.z_dim < 1:
-            raise UserError(f"--z-dim must be at least 1, got {self.z_dim}")
+        check_between("--z-dim", self.z_dim, 1, MAX_Z_DIM)
+        check_seed(self.seed)
         if self.lr_decay not in ("none", "cosine"):
             raise UserError(f"--lr-decay must be 'none' or 'cosine', got {self.lr_decay!r}")
         if self.keep < 1:
@@ -77,13 +94,18 @@ class TrainOptions:
         return self.lr
 
 
+DEFAULTS = TrainOptions(epochs=10, batch_size=128, lr=1e-3, lr_decay="none", z_dim=2, seed=0, keep=3, ema=0.0, weight_decay=0.0)
+RESUME_MAY_CHANGE = ("epochs", "keep")  # the others shape the weights or the data order: changing them is another run
+RUN_FILES = ("model.pth", "metrics.jsonl")  # with checkpoint_*.pth: what says a folder holds a run
+MNIST_TRAIN_SIZE = 60_000
+
 Progress = Callable[[int, int, int], None]  # (epoch, batches done, batches in the epoch)
 EpochDone = Callable[[dict[str, Any]], None]
 
 
 def train(
     out_dir: Path,
-    options: TrainOptions = TrainOptions(),
+    options: TrainOptions = TrainOptions(),  # all defaults, or the resumed run's options
     data_dir: Path | None = None,
     device: str = "auto",
     resume: bool = False,
@@ -119,18 +141,17 @@ def _run(
     on_epoch: EpochDone | None,
 ) -> list[dict[str, Any]]:
     out_dir = Path(out_dir)
-    last = latest_checkpoint(out_dir) if resume else None
-    ckpt = read_checkpoint(last) if last is not None else None
+    start = resume_point(out_dir) if resume else None
+    ckpt = start[1] if start is not None else None
     if ckpt is not None:
-        if "optimizer" not in ckpt or "train_options" not in ckpt:
-            raise CheckpointError(f"{last}: has no optimizer state, so training cannot resume from it")
-        recorded = TrainOptions(**ckpt["train_options"])  # the run keeps its options; only epochs may grow
-        options = replace(recorded, epochs=recorded.epochs if options.epochs is None else options.epochs)
-        log.info("resuming from %s", last)
-    elif resume:
-        log.info("no checkpoint in %s: starting from scratch", out_dir)
-    if options.epochs is None:
-        options = replace(options, epochs=DEFAULT_EPOCHS)
+        recorded = TrainOptions(**_known_options(ckpt["train_options"])).resolved()
+        options = options.resolved(recorded)
+        log.info("resuming from %s", start[0])
+    else:
+        refuse_existing_run(out_dir)  # with --resume too: a model.pth without checkpoints cannot be continued
+        if resume:
+            log.info("no checkpoint in %s: starting from scratch", out_dir)
+        options = options.resolved()
     options.check()
     dev = torch.device(resolve_device(device))
     make_dir(out_dir, "--out")
@@ -141,12 +162,54 @@ def _run(
     run = _Run(VAE(VAEConfig(x_dim=x_train.shape[1], z_dim=options.z_dim)).to(dev), options, out_dir, x_train, x_test)
     if ckpt is not None:
         run.restore(ckpt)
-    for epoch in range(len(run.history) + 1, options.epochs + 1):
-        metrics = run.epoch(epoch, progress)
-        if on_epoch is not None:
-            on_epoch(metrics)
-    save_checkpoint(out_dir / "model.pth", run.scored.cpu(), metrics=run.history, train_options=asdict(options))
+    try:
+        for epoch in range(len(run.history) + 1, options.epochs + 1):
+            metrics = run.epoch(epoch, progress)
+            if on_epoch is not None:
+                on_epoch(metrics)
+        save_checkpoint(out_dir / "model.pth", run.scored.cpu(), metrics=run.history, train_options=asdict(options))
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: say what is on disk, not only what is not
+        last = latest_checkpoint(out_dir)
+        kept = f"{last} holds the last finished epoch; continue with --resume" if last else "no epoch finished, so no checkpoint was written"
+        raise type(stop)(f"training stopped; {kept}") from None
     return run.history
+
+
+def refuse_existing_run(out_dir: Path) -> None:
+    """Raise when `out_dir` holds a run: training afresh would overwrite its model and mix its checkpoints with new ones."""
+    found = [name for name in RUN_FILES if (out_dir / name).exists()] + [p.name for p in _checkpoints(out_dir)]
+    if found:
+        raise UserError(
+            f"--out {out_dir} holds a training run ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}); "
+            "continue it with --resume, or give another --out"
+        )
+
+
+def resume_point(out_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """(path, contents) of the newest checkpoint in `out_dir` that can be resumed from; None when there is none.
+
+    A newer one that cannot be read (a crash mid-copy, a full disk) is passed over with a warning.
+    """
+    unusable = []
+    for path in reversed(_checkpoints(out_dir)):
+        try:
+            ckpt = read_checkpoint(path)
+            if "optimizer" not in ckpt or "train_options" not in ckpt:
+                raise CheckpointError(f"{path}: has no optimizer state, so training cannot resume from it")
+        except CheckpointError as error:
+            unusable.append(str(error))
+            continue
+        if unusable:
+            log.warning("resuming from %s, the newest usable checkpoint; passed over: %s", path, "; ".join(unusable))
+        return path, ckpt
+    if unusable:
+        raise CheckpointError(f"--resume: no checkpoint in {out_dir} can be resumed from: {'; '.join(unusable)}")
+    return None
+
+
+def _known_options(recorded: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(TrainOptions)}
+    return {k: v for k, v in recorded.items() if k in names}
 
 
 class _Run:
@@ -199,7 +262,7 @@ class _Run:
         for group in optimizer.param_groups:
             group["lr"] = options.lr_at(epoch)
         # Seeds derived from the epoch, so a resumed run draws exactly what the uninterrupted one would.
-        torch.manual_seed(options.seed * 1_000_003 + epoch)
+        torch.manual_seed((options.seed * 1_000_003 + epoch) % 2**64)  # torch seeds are 64-bit
         order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(options.seed + epoch))
         order = order.to(x_train.device)
         steps = math.ceil(len(x_train) / options.batch_size)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
 from vae_rt.errors import RuntimeFailure, UserError
+from vae_rt.model import IMAGE_SHAPE
 
 BACKENDS = {"torch": "pt", "ort": "ort", "trt": "trt"}  # public name -> module in this package
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -69,12 +71,16 @@ class BaseBackend:
             float32 `[B, 1, 28, 28]` in [0, 1] on the backend's device (`out` when given); a buffer the
             backend may reuse is never returned, so the result stays valid after the next call.
         Raises:
-            UserError: wrong shape, dtype or non-finite latents. RuntimeError: not opened.
+            UserError: wrong shape, dtype or non-finite latents; an `out` of the wrong shape, dtype or
+                device, or not contiguous. RuntimeError: not opened.
             RuntimeFailure: reduced-precision output that overflowed to NaN/Inf.
         """
         if not self.is_open:
             raise RuntimeError(f"{self.name} backend: decode() called before open()")
-        images = self._decode(check_latents(z, self.z_dim), out)
+        z = check_latents(z, self.z_dim)
+        if out is not None:
+            check_out(out, z.shape[0], self.device)
+        images = self._decode(z, out)
         if self.precision != "fp32" and not bool(torch.isfinite(images).all()):
             raise RuntimeFailure(f"{self.describe()}: output has NaN/Inf (reduced-precision overflow)")
         return images
@@ -116,6 +122,26 @@ def check_latents(z: Any, z_dim: int) -> Latents:
     if not _all_finite(z):
         raise UserError("latents contain NaN or Inf")
     return z
+
+
+def check_out(out: Any, rows: int, device: str) -> None:
+    """Refuse an `out` no engine could write into safely: ORT and TensorRT write through its raw pointer,
+    so a wrong size would corrupt memory and a wrong dtype would be filled with bytes of another type."""
+    if not isinstance(out, torch.Tensor):
+        raise UserError(f"out must be a torch tensor, got {type(out).__name__}")
+    problems = []
+    if tuple(out.shape) != (rows, *IMAGE_SHAPE):
+        problems.append(f"shape {list(out.shape)}, needed {[rows, *IMAGE_SHAPE]}")
+    if out.dtype != torch.float32:
+        problems.append(f"dtype {out.dtype}, needed torch.float32")
+    if out.device.type != device:
+        problems.append(f"device {out.device}, needed {device}")
+    if not out.is_contiguous():
+        problems.append("not contiguous")
+    if out.requires_grad:
+        problems.append("requires grad")
+    if problems:
+        raise UserError("out has " + "; ".join(problems))
 
 
 def to_device(z: Latents, device: str) -> torch.Tensor:
@@ -167,8 +193,8 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def chunk_bounds(n: int, size: int) -> list[tuple[int, int]]:
-    """[(start, stop), ...] covering range(n) in pieces of at most `size` rows."""
+def chunk_bounds(n: int, size: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) pairs covering range(n) in pieces of at most `size` rows, made as they are used (n may be huge)."""
     if size < 1:
         raise ValueError(f"chunk size must be at least 1, got {size}")
-    return [(start, min(start + size, n)) for start in range(0, n, size)]
+    return ((start, min(start + size, n)) for start in range(0, n, size))

@@ -12,12 +12,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 
 from vae_rt.backends import BaseBackend, Latents, to_device
 from vae_rt.errors import UserError, require
-from vae_rt.model import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
+from vae_rt.model import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME, X_DIM
 
 CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
 
 class OnnxModelError(UserError):
@@ -28,6 +30,7 @@ def inspect_onnx(path: Path) -> tuple[int, int, str]:
     """(z_dim, x_dim, precision) of an exported decoder, or a one-line error saying what does not fit.
 
     The precision is that of its weights: fp16 initializers mean an fp16 model (its I/O stays float32).
+    Refused: I/O of other names, types or shapes (a fixed batch included), weights with NaN or Inf.
     """
     path = Path(path)
     if not path.is_file():
@@ -46,14 +49,20 @@ def inspect_onnx(path: Path) -> tuple[int, int, str]:
     (z_in,), (image_out,) = inputs, graph.output
     z_shape, image_shape = _dims(z_in), _dims(image_out)
     float_type = onnx.TensorProto.FLOAT
-    if (
-        len(z_shape) != 2 or not isinstance(z_shape[1], int) or len(image_shape) != 2 or not isinstance(image_shape[1], int)
+    if (  # the engines write [batch, 784] float32 straight into the caller's memory: nothing else may pass
+        len(z_shape) != 2 or not isinstance(z_shape[1], int) or image_shape[1:] != [X_DIM]
+        or isinstance(z_shape[0], int) or isinstance(image_shape[0], int)
         or z_in.type.tensor_type.elem_type != float_type or image_out.type.tensor_type.elem_type != float_type
     ):
+        z_type, image_type = (onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type).lower() for v in (z_in, image_out))
         raise OnnxModelError(
-            f"{path}: '{INPUT_NAME}' is {z_shape} and '{OUTPUT_NAME}' is {image_shape}; expected float32 "
-            "[batch, z_dim] and [batch, 784]"
+            f"{path}: has '{INPUT_NAME}' {z_type} {z_shape} and '{OUTPUT_NAME}' {image_type} {image_shape}; "
+            f"needed float [batch, z_dim] and float [batch, {X_DIM}], batch a dynamic axis"
         )
+    for tensor in graph.initializer:
+        bad = int((~np.isfinite(numpy_helper.to_array(tensor))).sum()) if tensor.data_type in FLOAT_TYPES else 0
+        if bad:
+            raise OnnxModelError(f"{path}: weight '{tensor.name}' has {bad} NaN/Inf value{'s' if bad > 1 else ''}; the weights are damaged")
     fp16 = any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
     return z_shape[1], image_shape[1], "fp16" if fp16 else "fp32"
 

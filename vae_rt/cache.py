@@ -1,0 +1,64 @@
+"""The cache folder (`$VAE_RT_CACHE_DIR`, default `~/.cache/vae_rt`): unpacked MNIST, ONNX exports, engines.
+
+Anything in it may have been altered, truncated or replaced since it was written, so an entry is
+verified before it is used, and one that fails is made again after one warning, never served.
+Problems with the folder itself name the variable: it is what the user controls about it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from vae_rt.errors import UserError
+from vae_rt.files import check_writable_folder, sha256_file
+
+CACHE_DIR_ENV = "VAE_RT_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "vae_rt")
+
+
+def describe(path: Path) -> str:
+    """`path` as a message names it: a place under the cache folder, and the variable that sets it."""
+    return f"{path} (in the cache folder, ${CACHE_DIR_ENV})"
+
+
+def cache_folder(name: str) -> Path:
+    """`cache_dir() / name`, created and writable, or one line naming $VAE_RT_CACHE_DIR."""
+    path = cache_dir() / name
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        check_writable_folder(path)
+    except OSError as err:
+        why = "a file is in the way" if isinstance(err, (FileExistsError, NotADirectoryError)) else err.strerror
+        raise cache_error(path, why) from err
+    return path
+
+
+def cache_error(path: Path, why: str) -> UserError:
+    """The error for a cache folder that cannot be used: what went wrong and the way out."""
+    return UserError(f"cache folder {cache_dir()}: cannot write {path} ({why}); set {CACHE_DIR_ENV} to a writable folder with free space")
+
+
+def onnx_entry_problem(path: Path, source_sha256: str, precision: str) -> str | None:
+    """Why the cached export at `path` must not be served (None: it may): its manifest, its own sha256, its I/O."""
+    from vae_rt.backends.ort import OnnxModelError, inspect_onnx  # onnx: imported only where a cache entry is read
+    from vae_rt.export import io_contract, read_manifest
+
+    manifest = read_manifest(path)
+    if manifest is None:
+        return "its manifest is missing or unreadable"
+    if manifest.get("source_checkpoint", {}).get("sha256") != source_sha256 or manifest.get("precision") != precision:
+        return "its manifest describes another checkpoint or precision"
+    if manifest.get("sha256") != sha256_file(path):
+        return "its sha256 differs from its manifest's: altered, replaced or truncated"
+    try:
+        z_dim, x_dim, found = inspect_onnx(path)
+    except OnnxModelError as err:
+        return str(err).removeprefix(f"{path}: ")
+    recorded = {k: manifest.get(k) for k in ("inputs", "outputs")}
+    if recorded != io_contract(z_dim, x_dim) or found != precision:
+        return f"it holds a {found} model with z_dim {z_dim}, not what its manifest records"
+    return None
