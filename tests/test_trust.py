@@ -481,6 +481,14 @@ def test_bench_json_where_nothing_can_be_written_fails_before_timing(tmp_path):
             assert_one_line_error(["bench", "--json", tmp_path / "ro" / "b.json", "--batch-sizes", 1], "not writable (Read-only file system)")
 
 
+def test_an_output_folder_that_cannot_be_written_is_refused_before_the_work(tmp_path):
+    with mounted_tmpfs(tmp_path / "ro", "ro,size=64k") as mounted:
+        if not mounted:
+            pytest.skip("cannot mount a read-only tmpfs here (and root ignores permissions)")
+        assert_one_line_error(["train", "--epochs", 1, "--out", tmp_path / "ro"], "--out", "not writable (Read-only file system)")
+        assert_one_line_error(["export", "--no-engine", "--out-dir", tmp_path / "ro"], "--out-dir", "not writable")
+
+
 def test_a_failed_write_names_the_file_asked_for_never_the_temporary_one(tmp_path):
     with pytest.raises(OSError) as caught, atomic_path(tmp_path / "missing" / "x.bin"):
         pass

@@ -53,13 +53,17 @@ def _naming(err: OSError, path: Path) -> OSError:
 
 
 def make_dir(path: Path, option: str) -> Path:
-    """Create the folder a user named with `option` (parents too), or say in one line why it cannot be."""
+    """Create the folder a user named with `option` (parents too), or say in one line why it cannot be written to."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         why = "a file of that name is in the way" if isinstance(err, FileExistsError) else err.strerror
         raise UserError(f"{option} {path}: cannot create the folder ({why})") from err
+    try:
+        check_writable_folder(path)  # now, not when the first file of a long run is written
+    except OSError as err:
+        raise UserError(f"{option} {path}: folder is not writable ({err.strerror})") from err
     return path
 
 

@@ -14,7 +14,7 @@ from vae_rt.backends import BaseBackend, Latents, chunk_bounds, to_device
 from vae_rt.engine import capturing_logger, current_platform, platform_mismatch
 from vae_rt.errors import RuntimeFailure, UserError, require
 from vae_rt.export import read_manifest
-from vae_rt.model import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
+from vae_rt.model import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME, X_DIM
 
 
 class EngineError(UserError):
@@ -60,6 +60,8 @@ class TrtBackend(BaseBackend):
         _, _, max_shape = self._engine.get_tensor_profile_shape(INPUT_NAME, 0)
         self.max_batch, self.z_dim = int(max_shape[0]), int(max_shape[1])
         x_dim = int(self._engine.get_tensor_shape(OUTPUT_NAME)[1])
+        if x_dim != X_DIM:  # the output is copied into [B, 1, 28, 28] images: any other size would smear them
+            raise EngineError(f"{self.engine_path}: its '{OUTPUT_NAME}' has {x_dim} values per image, needed {X_DIM}")
         self._stream = torch.cuda.Stream()  # not the legacy default stream: TensorRT would sync the device
         self._z = torch.empty((self.max_batch, self.z_dim), dtype=torch.float32, device="cuda")
         self._images = torch.empty((self.max_batch, x_dim), dtype=torch.float32, device="cuda")
