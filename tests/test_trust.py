@@ -30,7 +30,8 @@ from typer.testing import CliRunner
 import vae_rt.output as output_module
 import vae_rt.train as train_module
 from vae_rt.backends import get_backend
-from vae_rt.backends.ort import OnnxModelError, OrtBackend
+from vae_rt.artifacts import OnnxModelError
+from vae_rt.backends.ort import OrtBackend
 from vae_rt.cache import onnx_entry_problem
 from vae_rt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vae_rt.cli import app
@@ -39,7 +40,8 @@ from vae_rt.errors import RuntimeFailure, Terminated, UserError, sigterm_as_inte
 from vae_rt.files import atomic_path, sha256_file
 from vae_rt.model import VAE, VAEConfig
 from vae_rt.output import check_output, stream_npy
-from vae_rt.sampler import Sampler, cached_onnx, latent_batches, open_sampler
+from vae_rt.resolve import cached_onnx
+from vae_rt.sampler import Sampler, latent_batches, open_sampler
 from vae_rt.train import DEFAULTS, TrainOptions, resume_point, train
 
 pytest.importorskip("onnxruntime")
@@ -273,11 +275,13 @@ def test_a_model_of_other_images_than_mnist_is_refused_by_every_command(tmp_path
 
 @pytest.mark.parametrize("seed", [2**63, 2**64, -1])
 def test_seeds_outside_64_bits_signed_are_refused_by_every_command(tmp_path, seed):
-    with pytest.raises(UserError, match=r"--seed must be between 0 and 2\*\*63-1"):
+    with pytest.raises(UserError, match=r"seed must be between 0 and 2\*\*63-1"):
         next(latent_batches(4, 2, seed, 4))
+    with pytest.raises(UserError, match=r"--seed must be between 0 and 2\*\*63-1"):
+        train(tmp_path / "run", TrainOptions(seed=seed), data_dir=tmp_path / "no-data")
     for args in (["sample", "-n", 4, "--out", tmp_path / "s.png"], ["eval", "--limit", 10], ["compare", "-n", 4],
                  ["train", "--epochs", 1, "--out", tmp_path / "run"]):
-        assert_one_line_error([*args, "--seed", seed], "--seed must be between 0 and 2**63-1")
+        assert_one_line_error([*args, "--seed", seed], "'--seed'", "9223372036854775807" if seed > 0 else "greater than or equal to 0")
 
 
 def test_the_largest_seed_works_everywhere_including_the_trainers_per_epoch_seeds(tmp_path, monkeypatch, mnist_dir):
@@ -410,7 +414,7 @@ def test_decoding_stops_at_the_first_failed_write(tmp_path, monkeypatch):
 
     with mounted_tmpfs(tmp_path / "small", "size=1m") as mounted:
         if not mounted:  # no tmpfs here: a stream whose writes fail the way a full disk's do
-            monkeypatch.setattr(output_module, "_open_stream", _full_after_one_megabyte)
+            monkeypatch.setattr(output_module, "open_append_stream", _full_after_one_megabyte)
         with pytest.raises(RuntimeFailure, match="No space left on device"):
             stream_npy(batches(), 64000, tmp_path / "small" / "x.npy")
         assert len(produced) < 20, f"decoded {len(produced)} batches after the disk filled up"
@@ -430,20 +434,30 @@ def _full_after_one_megabyte(path: Path, header: bytes) -> Iterator[object]:
     yield FullStream()
 
 
-@pytest.mark.parametrize("args, limit", [
-    (["eval", "--iw-samples", 10**9], "--iw-samples must be between 0 and 100000"),
-    (["bench", "--duration", "inf"], "--duration must be more than 0 and at most 600"),
-    (["bench", "--duration", "nan"], "--duration must be more than 0 and at most 600"),
-    (["bench", "--duration", 1e9], "--duration must be more than 0 and at most 600"),
-    (["bench", "--batch-sizes", 100_000_000], "--batch-sizes must be integers between 1 and 4194304"),
-    (["compare", "-n", 10**12], "-n must be between 1 and 1000000"),
-    (["train", "--epochs", 10**9], "--epochs must be between 1 and 10000"),
-    (["train", "--z-dim", 10**9], "--z-dim must be between 1 and 4096"),
-    (["train", "--batch-size", 10**9], "--batch-size must be between 1 and 60000"),
+@pytest.mark.parametrize("args, fragments", [
+    (["eval", "--iw-samples", 10**9], ["'--iw-samples'", "100000"]),
+    (["bench", "--duration", "inf"], ["--duration must be more than 0 and at most 600"]),
+    (["bench", "--duration", "nan"], ["--duration must be more than 0 and at most 600"]),
+    (["bench", "--duration", 1e9], ["--duration must be more than 0 and at most 600"]),
+    (["bench", "--batch-sizes", 100_000_000], ["--batch-sizes must be integers between 1 and 4194304"]),
+    (["compare", "-n", 10**12], ["'-n' / '--count'", "1000000"]),
+    (["train", "--epochs", 10**9], ["'--epochs'", "10000"]),
+    (["train", "--z-dim", 10**9], ["'--z-dim'", "4096"]),
+    (["train", "--batch-size", 10**9], ["'--batch-size'", "60000"]),
 ])
-def test_absurd_amounts_of_work_are_refused_with_their_limit(tmp_path, args, limit):
+def test_absurd_amounts_of_work_are_refused_with_their_limit(tmp_path, args, fragments):
     extra = ["--out", tmp_path / "run"] if args[0] == "train" else []
-    assert_one_line_error([*args, *extra], limit)
+    assert_one_line_error([*args, *extra], *fragments)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: TrainOptions(epochs=10**9).resolved().check(), "--epochs must be between 1 and 10000"),
+    (lambda: TrainOptions(z_dim=10**9).resolved().check(), "--z-dim must be between 1 and 4096"),
+    (lambda: TrainOptions(batch_size=10**9).resolved().check(), "--batch-size must be between 1 and 60000"),
+])
+def test_the_library_refuses_the_same_amounts(call, message):
+    with pytest.raises(UserError, match=message):
+        call()
 
 
 # ---------------------------------------------------------------- 5. messages that mislead
@@ -470,7 +484,7 @@ def test_cache_folder_problems_name_the_variable(tmp_path, monkeypatch, random_c
 
 
 def test_export_name_with_a_folder_is_refused_before_the_work(tmp_path):
-    assert_one_line_error(["export", "--name", "a/b", "--no-engine", "--out-dir", tmp_path / "ex"], "--name must be a plain file name")
+    assert_one_line_error(["export", "--name", "a/b", "--no-engine", "--out-dir", tmp_path / "ex"], "name must be a plain file name")
     assert not (tmp_path / "ex").exists()
 
 
@@ -502,7 +516,7 @@ def test_a_failed_write_names_the_file_asked_for_never_the_temporary_one(tmp_pat
 @pytest.mark.parametrize("command", [["sample", "-n", 4], ["manifold"], ["compare", "-n", 4], ["bench", "--batch-sizes", 1], ["train", "--epochs", 1]])
 def test_device_cuda_without_a_gpu_exits_2_on_every_command(tmp_path, command):
     out = {"sample": ["--out", tmp_path / "s.png"], "manifold": ["--out", tmp_path / "m.png"], "train": ["--out", tmp_path / "run"]}
-    assert_one_line_error([*command, *out.get(command[0], []), "--device", "cuda"], "--device cuda: torch sees no CUDA GPU")
+    assert_one_line_error([*command, *out.get(command[0], []), "--device", "cuda"], "'--device'", "torch sees no CUDA GPU")
 
 
 def test_gpu_check_script_fails_when_its_steps_fail(tmp_path):

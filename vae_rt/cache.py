@@ -44,8 +44,12 @@ def cache_error(path: Path, why: str) -> UserError:
 
 def onnx_entry_problem(path: Path, source_sha256: str, precision: str) -> str | None:
     """Why the cached export at `path` must not be served (None: it may): its manifest, its own sha256, its I/O."""
-    from vae_rt.backends.ort import OnnxModelError, inspect_onnx  # onnx: imported only where a cache entry is read
-    from vae_rt.export import io_contract, read_manifest
+    from vae_rt.artifacts import (  # onnx: only where an entry is read
+        OnnxModelError,
+        inspect_onnx,
+        io_contract,
+        read_manifest,
+    )
 
     manifest = read_manifest(path)
     if manifest is None:

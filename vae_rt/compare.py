@@ -12,7 +12,8 @@ from vae_rt.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
 from vae_rt.errors import UserError
 from vae_rt.limits import MAX_COMPARE_COUNT, check_between
 from vae_rt.parity import ParityReport, compare, tail_latents
-from vae_rt.sampler import artifact_kind, draw_latents, open_sampler
+from vae_rt.resolve import artifact_kind
+from vae_rt.sampler import draw_latents, open_sampler
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ def run_comparisons(
 ) -> list[Comparison]:
     """Decode n seeded normal latents plus the tail points on every pair that can run here."""
     resolve_device(device)  # --device cuda without a GPU: an error, as in every command, not a report of skipped rows
-    check_between("-n", n, 1, MAX_COMPARE_COUNT)
+    check_between("n", n, 1, MAX_COMPARE_COUNT)
     checkpoint = Path(model) if model is not None else BUNDLED_CHECKPOINT
     if artifact_kind(checkpoint) != "checkpoint":
         raise UserError(f"compare needs a checkpoint (.pth) for its torch fp32 reference, got {checkpoint}")

@@ -24,7 +24,7 @@ def check_between(option: str, value: float, low: float, high: float) -> None:
         raise UserError(f"{option} must be between {low} and {high}, got {value}")
 
 
-def check_seed(seed: int, option: str = "--seed") -> int:
+def check_seed(seed: int, option: str = "seed") -> int:
     if not (isinstance(seed, int) and 0 <= seed <= MAX_SEED):
         raise UserError(f"{option} must be between 0 and 2**63-1 ({MAX_SEED}), got {seed}")
     return seed
