@@ -437,9 +437,9 @@ def _full_after_one_megabyte(path: Path, header: bytes) -> Iterator[object]:
 
 @pytest.mark.parametrize("args, fragments", [
     (["eval", "--iw-samples", 10**9], ["'--iw-samples'", "100000"]),
-    (["bench", "--duration", "inf"], ["--duration must be more than 0 and at most 600"]),
-    (["bench", "--duration", "nan"], ["--duration must be more than 0 and at most 600"]),
-    (["bench", "--duration", 1e9], ["--duration must be more than 0 and at most 600"]),
+    (["bench", "--duration", "inf"], ["--duration must be between 0 and 600 seconds"]),
+    (["bench", "--duration", "nan"], ["--duration must be between 0 and 600 seconds"]),
+    (["bench", "--duration", 1e9], ["--duration must be between 0 and 600 seconds"]),
     (["bench", "--batch-sizes", 100_000_000], ["--batch-sizes must be integers between 1 and 4194304"]),
     (["compare", "-n", 10**12], ["'-n' / '--count'", "1000000"]),
     (["train", "--epochs", 10**9], ["'--epochs'", "10000"]),

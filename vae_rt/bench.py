@@ -175,8 +175,8 @@ def run_benchmarks(
     """
     if not batch_sizes or min(batch_sizes) < 1 or max(batch_sizes) > MAX_BATCH:
         raise UserError(f"--batch-sizes must be integers between 1 and {MAX_BATCH}, got {batch_sizes}")
-    if not (math.isfinite(min_duration) and 0 < min_duration <= MAX_BENCH_DURATION):
-        raise UserError(f"--duration must be more than 0 and at most {MAX_BENCH_DURATION:g} seconds, got {min_duration}")
+    if not (math.isfinite(min_duration) and 0 <= min_duration <= MAX_BENCH_DURATION):  # 0: the minimum count of calls only
+        raise UserError(f"--duration must be between 0 and {MAX_BENCH_DURATION:g} seconds, got {min_duration}")
     checkpoint = Path(model) if model is not None else BUNDLED_CHECKPOINT
     config = load_checkpoint(checkpoint)[0].config
     flop = config.decoder_flop_per_sample
