@@ -356,6 +356,35 @@ def bench(
 
 @app.command()
 @handle_errors
+def serve(
+    model: ModelOption = None,
+    backend: BackendOption = "auto",
+    precision: PrecisionOption = None,
+    device: DeviceOption = "auto",
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 for every interface.")] = "127.0.0.1",
+    http_port: Annotated[int, typer.Option(help="Triton's HTTP/REST port.")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="Triton's gRPC port.")] = 8001,
+    metrics_port: Annotated[int, typer.Option(help="Triton's Prometheus metrics port.")] = 8002,
+    max_batch: Annotated[int, typer.Option(help="Largest batch Triton forms (and accepts in one request).")] = 8192,
+    max_queue_delay_us: Annotated[int, typer.Option(help="How long Triton may hold a request to batch it with others.")] = 500,
+    triton_log: Annotated[bool, typer.Option(help="Show Triton's own log (else it is discarded).")] = False,
+) -> None:
+    """Serve the decoder over Triton's HTTP/gRPC protocol (model vae_decoder), with dynamic batching."""
+    from vae_rt.serve import ServeOptions, startup_line
+    from vae_rt.serve import serve as run_server
+
+    options = ServeOptions(host, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us, triton_log)
+    options.check()  # before torch is even imported: a busy port is one line at once
+    logging.getLogger("pytriton.proxy.inference").setLevel(logging.ERROR)  # repeats serve's warning with a traceback
+    from vae_rt.sampler import open_sampler
+
+    with open_sampler(model, backend, precision, device) as sampler:
+        run_server(sampler, options, on_ready=lambda: out.print(startup_line(sampler.describe(), options)))
+    err.print("stopped: every accepted request was answered")
+
+
+@app.command()
+@handle_errors
 def doctor() -> None:
     """What is installed and usable: torch + CUDA, ONNX Runtime providers, TensorRT, the GPU."""
     from vae_rt.doctor import diagnose

@@ -37,4 +37,7 @@ def diagnose() -> list[tuple[str, str]]:
         rows += [("tensorrt", "not installed (pip install 'vae-rt[gpu]')")]
     reason = engine_skip_reason()
     rows += [("TensorRT engines", "can be built here" if reason is None else f"cannot be built: {reason}")]
+    from vae_rt.serve import serving_status
+
+    rows += [serving_status()]
     return rows
