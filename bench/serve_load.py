@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from vae_rt.serve import IMAGE_SIZE
 from vae_rt.serve_process import ServerProcess
@@ -67,14 +68,20 @@ def start_server(kind: str, backend: str, queue_delay_us: int, log_dir: Path) ->
     """'decoder' is `vae-rt serve`; 'noop' is this script's `--serve-noop`, the same binding with zeros for images."""
     delay = ["--max-queue-delay-us", str(queue_delay_us)]
     if kind == "decoder":
-        command = [sys.executable, "-m", "vae_rt", "serve", "--backend", backend, *delay]
+        command = [sys.executable, "-m", "vae_rt", "serve", "--backend", backend, "--threads", str(torch.get_num_threads()),
+                   *delay]
     else:
         command = [sys.executable, __file__, "--serve-noop", *delay]
     return ServerProcess(command, log_dir / f"{kind}.log")
 
 
 def counters(server: ServerProcess) -> tuple[float, float]:
-    return server.counter("nv_inference_count"), server.counter("nv_inference_exec_count")
+    """(inferences, executions) once they stop moving: Triton counts a request just after answering it."""
+    last = None
+    while (now := (server.counter("nv_inference_count"), server.counter("nv_inference_exec_count"))) != last:
+        last = now
+        time.sleep(0.1)
+    return now
 
 
 async def client_loop(url: str, z: np.ndarray, expected: np.ndarray, stop_at: float, latencies: list[float],
@@ -171,8 +178,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--max-queue-delay-us", type=int, default=500)
+    parser.add_argument("--threads", type=int, help="CPU threads of a decode, offline and in the server (default: torch's)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     clients = [int(c) for c in args.clients.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
 

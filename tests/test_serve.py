@@ -16,10 +16,10 @@ import pytest
 pytest.importorskip("pytriton.triton", reason="vae-rt serve needs PyTriton: pip install 'vae-rt[serve]'")
 httpclient = pytest.importorskip("tritonclient.http", reason="the tests talk to the server with tritonclient[http]")
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="the tests talk to the server with tritonclient[grpc]")
-from tritonclient.utils import InferenceServerException  # noqa: E402
+from tritonclient.utils import InferenceServerException
 
-from vae_rt import open_sampler  # noqa: E402
-from vae_rt.serve_process import ServerProcess  # noqa: E402
+from vae_rt import open_sampler
+from vae_rt.serve_process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_BATCH = 64
@@ -127,7 +127,7 @@ def test_busy_port_is_one_line_and_exit_2(tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         done = subprocess.run([sys.executable, "-m", "vae_rt", "serve", "--http-port", str(port)],
-                              capture_output=True, text=True, timeout=120, cwd=ROOT)
+                              capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"error: --http-port {port}: 127.0.0.1:{port} is already in use"]
 
@@ -140,7 +140,7 @@ def test_sigterm_answers_the_requests_already_accepted_and_exits_0(servers, refe
     def send(i: int) -> None:
         try:
             answers[i] = infer_grpc(holding.grpc, jobs[i])
-        except Exception as error:
+        except InferenceServerException as error:  # kept, so the assertion below shows it
             answers[i] = error
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(len(jobs))]
@@ -163,7 +163,7 @@ def test_load_benchmark_runs_one_round():
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "serve_load.py"), "--clients", "1,2", "--batches", "1",
          "--duration", "0.3", "--rounds", "1"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        capture_output=True, text=True, timeout=600, cwd=ROOT, check=False,
     )
     assert done.returncode == 0, done.stderr
     rows = [line.split() for line in done.stdout.splitlines() if line.split()[:2] in (["1", "1"], ["2", "1"])]

@@ -367,6 +367,7 @@ def serve(
     metrics_port: Annotated[int, typer.Option(help="Triton's Prometheus metrics port.")] = 8002,
     max_batch: Annotated[int, typer.Option(help="Largest batch Triton forms (and accepts in one request).")] = 8192,
     max_queue_delay_us: Annotated[int, typer.Option(help="How long Triton may hold a request to batch it with others.")] = 500,
+    threads: Annotated[int | None, typer.Option(help="CPU threads of a decode (default: torch's); fewer leave cores to Triton.")] = None,
     triton_log: Annotated[bool, typer.Option(help="Show Triton's own log (else it is discarded).")] = False,
 ) -> None:
     """Serve the decoder over Triton's HTTP/gRPC protocol (model vae_decoder), with dynamic batching."""
@@ -376,8 +377,14 @@ def serve(
     options = ServeOptions(host, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us, triton_log)
     options.check()  # before torch is even imported: a busy port is one line at once
     logging.getLogger("pytriton.proxy.inference").setLevel(logging.ERROR)  # repeats serve's warning with a traceback
+    import torch
+
     from vae_rt.sampler import open_sampler
 
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)  # ONNX Runtime's sessions take torch's thread count too
     with open_sampler(model, backend, precision, device) as sampler:
         run_server(sampler, options, on_ready=lambda: out.print(startup_line(sampler.describe(), options)))
     err.print("stopped: every accepted request was answered")

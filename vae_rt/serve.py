@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import signal
 import socket
@@ -24,12 +25,12 @@ from typing import Any
 import numpy as np
 
 from vae_rt.errors import RuntimeFailure, UserError, require
-from vae_rt.model import INPUT_NAME, OUTPUT_NAME
+from vae_rt.model import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
 from vae_rt.triton import MODEL_NAME
 
 log = logging.getLogger(__name__)
 
-IMAGE_SIZE = 28 * 28
+IMAGE_SIZE = math.prod(IMAGE_SHAPE)  # images travel flat: [-1, 784], as in the exported models
 EXIT_TIMEOUT_S = 20  # Triton's wait for open connections and in-flight requests; PyTriton kills it after 30
 InferFunction = Callable[[list[Any]], list[dict[str, np.ndarray]]]
 

@@ -41,6 +41,7 @@ class ServerProcess:
     def wait_ready(self, timeout_s: float) -> None:
         """Return once the model answers ready; raise if the process exits or `timeout_s` passes first."""
         import tritonclient.http as httpclient
+        from tritonclient.utils import InferenceServerException
 
         client = httpclient.InferenceServerClient(f"127.0.0.1:{self.http}")
         try:
@@ -51,7 +52,7 @@ class ServerProcess:
                 try:
                     if client.is_model_ready(self.model):
                         return
-                except Exception:  # not listening yet
+                except (OSError, InferenceServerException):  # not listening yet, or not yet answering
                     pass
                 time.sleep(0.2)
             raise RuntimeFailure(f"the server was not ready after {timeout_s:g}s: {self.log_path.read_text()}")
