@@ -156,7 +156,8 @@ def summarize(runs: list[Run]) -> dict[str, float]:
 
 def serve_noop(argv: list[str]) -> None:
     """The no-op server: `vae_rt.serve`'s binding, with a decode that returns zeros."""
-    from vae_rt.serve import ServeOptions, decode_requests, serve_model
+    from vae_rt.serve import decode_requests, serve_model
+    from vae_rt.serve_options import ServeOptions
 
     parser = argparse.ArgumentParser()
     for option in ("--http-port", "--grpc-port", "--metrics-port", "--max-queue-delay-us"):

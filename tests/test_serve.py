@@ -161,11 +161,11 @@ def test_sigterm_answers_the_requests_already_accepted_and_exits_0(servers, refe
 
 def test_load_benchmark_runs_one_round():
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "serve_load.py"), "--clients", "1,2", "--batches", "1",
-         "--duration", "0.3", "--rounds", "1"],
+        [sys.executable, str(ROOT / "bench" / "serve_load.py"), "--clients", "2", "--batches", "1",
+         "--duration", "0.2", "--rounds", "1", "--backend", "torch"],  # torch: no ONNX export to wait for
         capture_output=True, text=True, timeout=600, cwd=ROOT, check=False,
     )
     assert done.returncode == 0, done.stderr
-    rows = [line.split() for line in done.stdout.splitlines() if line.split()[:2] in (["1", "1"], ["2", "1"])]
-    assert [row[2] for row in rows] == ["decoder", "noop", "decoder", "noop"]
+    rows = [line.split() for line in done.stdout.splitlines() if line.split()[:2] == ["2", "1"]]
+    assert [row[2] for row in rows] == ["decoder", "noop"]
     assert "errors + wrong + lost over every run: 0" in done.stdout

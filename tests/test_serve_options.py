@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from vae_rt.errors import UserError
-from vae_rt.serve import ServeOptions, decode_requests, library_path_first, serving_status
+from vae_rt.serve import decode_requests, library_path_first, serving_status
+from vae_rt.serve_options import ServeOptions
 from vae_rt.serve_process import free_loopback_ports
 
 

@@ -371,8 +371,7 @@ def serve(
     triton_log: Annotated[bool, typer.Option(help="Show Triton's own log (else it is discarded).")] = False,
 ) -> None:
     """Serve the decoder over Triton's HTTP/gRPC protocol (model vae_decoder), with dynamic batching."""
-    from vae_rt.serve import ServeOptions, startup_line
-    from vae_rt.serve import serve as run_server
+    from vae_rt.serve_options import ServeOptions
 
     options = ServeOptions(host, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us, triton_log)
     options.check()  # before torch is even imported: a busy port is one line at once
@@ -380,6 +379,8 @@ def serve(
     import torch
 
     from vae_rt.sampler import open_sampler
+    from vae_rt.serve import serve as run_server
+    from vae_rt.serve import startup_line
 
     if threads is not None:
         if threads < 1:

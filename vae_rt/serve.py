@@ -9,16 +9,13 @@ Triton itself rejects a wrong shape or dtype and a batch above the maximum; NaN/
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import os
 import signal
-import socket
 import sysconfig
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +23,7 @@ import numpy as np
 
 from vae_rt.errors import RuntimeFailure, UserError, require
 from vae_rt.model import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
+from vae_rt.serve_options import ServeOptions
 from vae_rt.triton import MODEL_NAME
 
 log = logging.getLogger(__name__)
@@ -33,52 +31,6 @@ log = logging.getLogger(__name__)
 IMAGE_SIZE = math.prod(IMAGE_SHAPE)  # images travel flat: [-1, 784], as in the exported models
 EXIT_TIMEOUT_S = 20  # Triton's wait for open connections and in-flight requests; PyTriton kills it after 30
 InferFunction = Callable[[list[Any]], list[dict[str, np.ndarray]]]
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    """Where and how Triton listens, and how long it may hold a request to batch it with others."""
-
-    host: str = "127.0.0.1"
-    http_port: int = 8000
-    grpc_port: int = 8001
-    metrics_port: int = 8002
-    max_batch: int = 8192
-    max_queue_delay_us: int = 500
-    triton_log: bool = False  # Triton's own log on stdout; else it goes to a temporary file
-
-    def urls(self) -> str:
-        return (f"http://{self.host}:{self.http_port}, grpc {self.host}:{self.grpc_port}, "
-                f"metrics http://{self.host}:{self.metrics_port}/metrics")
-
-    def check(self) -> None:
-        """Every option in range and every port free, before Triton starts (it would wait minutes on a busy one)."""
-        if self.max_batch < 1:
-            raise UserError(f"--max-batch must be at least 1, got {self.max_batch}")
-        if self.max_queue_delay_us < 0:
-            raise UserError(f"--max-queue-delay-us must be at least 0, got {self.max_queue_delay_us}")
-        ports = {"--http-port": self.http_port, "--grpc-port": self.grpc_port, "--metrics-port": self.metrics_port}
-        seen: dict[int, str] = {}
-        for option, port in ports.items():
-            if not 1 <= port <= 65535:
-                raise UserError(f"{option} must be between 1 and 65535, got {port}")
-            if port in seen:
-                raise UserError(f"{seen[port]} and {option} are both {port}; each needs its own port")
-            seen[port] = option
-        for option, port in ports.items():
-            check_port_free(option, self.host, port)
-
-
-def check_port_free(option: str, host: str, port: int) -> None:
-    """Raise a one-line UserError unless `host:port` can be listened on now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: a closed port in TIME_WAIT is free
-        try:
-            probe.bind((host, port))
-        except OSError as error:
-            if error.errno == errno.EADDRINUSE:
-                raise UserError(f"{option} {port}: {host}:{port} is already in use") from None
-            raise UserError(f"{option} {port}: cannot listen on {host}:{port} ({error.strerror or error})") from None
 
 
 def python_library() -> Path | None:
