@@ -129,7 +129,7 @@ def test_busy_port_is_one_line_and_exit_2(tmp_path):
         done = subprocess.run([sys.executable, "-m", "vae_rt", "serve", "--http-port", str(port)],
                               capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [f"error: --http-port {port}: 127.0.0.1:{port} is already in use"]
+    assert done.stderr.strip().splitlines() == [f"error: HTTP port {port}: 127.0.0.1:{port} is already in use"]
 
 
 def test_sigterm_answers_the_requests_already_accepted_and_exits_0(servers, reference):

@@ -37,11 +37,11 @@ def test_a_refused_batch_says_why_and_that_it_was_merged():
 
 
 def test_options_are_checked_before_anything_starts():
-    with pytest.raises(UserError, match="--max-batch must be at least 1"):
+    with pytest.raises(UserError, match="max_batch must be at least 1"):
         ServeOptions(max_batch=0).check()
-    with pytest.raises(UserError, match="--http-port and --metrics-port are both 9000"):
+    with pytest.raises(UserError, match="the HTTP and metrics ports are both 9000"):
         ServeOptions(http_port=9000, metrics_port=9000).check()
-    with pytest.raises(UserError, match="--grpc-port must be between 1 and 65535, got 70000"):
+    with pytest.raises(UserError, match="the gRPC port must be between 1 and 65535, got 70000"):
         ServeOptions(grpc_port=70000).check()
 
 
@@ -50,7 +50,7 @@ def test_a_busy_port_is_named_with_its_option():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(UserError, match=f"--grpc-port {port}: 127.0.0.1:{port} is already in use"):
+        with pytest.raises(UserError, match=f"gRPC port {port}: 127.0.0.1:{port} is already in use"):
             http, metrics = free_loopback_ports(2)
             ServeOptions(http_port=http, grpc_port=port, metrics_port=metrics).check()
 
