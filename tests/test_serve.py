@@ -86,6 +86,13 @@ def latents(seed: int, rows: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((rows, 2), dtype=np.float32)
 
 
+def test_one_startup_line_says_what_runs_where(server):
+    (line,) = [line for line in server.log_path.read_text().splitlines() if line.startswith("serving ")]
+    assert line.startswith("serving vae_decoder (torch fp32 on cpu) on http://127.0.0.1:")
+    assert f"grpc 127.0.0.1:{server.grpc}" in line and f"{server.metrics}/metrics" in line
+    assert f"dynamic batching up to {MAX_BATCH} latents, 500 µs queue delay" in line
+
+
 def test_images_equal_decode_over_http_and_grpc(server, reference):
     z = latents(0, 5)
     for images in (infer_http(server.http, z), infer_grpc(server.grpc, z)):
