@@ -50,13 +50,13 @@ def test_decode_before_open_is_an_error(random_checkpoint):
         (None, "torch tensor or numpy array"),
     ],
 )
-@pytest.mark.parametrize("backend", ["torch", "ort"])
+@pytest.mark.parametrize("backend", ["torch", "ort", "openvino"])
 def test_bad_latents_are_rejected_clearly(random_checkpoint, backend, z, message):
     with open_sampler(random_checkpoint, backend, device="cpu") as sampler, pytest.raises(UserError, match=message):
         sampler.decode(z)
 
 
-@pytest.mark.parametrize("backend", ["torch", "ort"])
+@pytest.mark.parametrize("backend", ["torch", "ort", "openvino"])
 def test_numpy_latents_of_any_layout_decode_like_a_tensor(random_checkpoint, backend):
     z = np.random.default_rng(3).standard_normal((6, 2), dtype=np.float32)
     read_only = z[::-1].copy()

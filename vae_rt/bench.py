@@ -10,8 +10,6 @@ Run it with `vae-rt bench --json out.json --plot out.png`.
 from __future__ import annotations
 
 import functools
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,30 +19,12 @@ import torch
 
 from vae_rt.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
 from vae_rt.errors import UserError
+from vae_rt.machine import cpu_isa, cpu_model
 from vae_rt.sampler import draw_latents, open_sampler
+from vae_rt.timing import Timing, time_calls
 
 NOISY_CV = 0.10  # trtexec-style warning threshold: stdev above 10% of the mean
 REFERENCE = "torch-eager"  # the tutorial's own call: the decoder module under no_grad, fp32
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Latencies of repeated calls, in seconds."""
-
-    latencies: list[float]
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.latencies)
-
-    def percentile(self, q: float) -> float:
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-    @property
-    def cv(self) -> float:
-        mean = statistics.fmean(self.latencies)
-        return statistics.pstdev(self.latencies) / mean if mean > 0 else 0.0
 
 
 @dataclass
@@ -70,39 +50,12 @@ class BenchRow:
         return asdict(self)
 
 
-def time_calls(fn: Callable[[], Any], warmup: float = 0.2, min_duration: float = 1.0, min_iterations: int = 10) -> Timing:
-    """Call `fn` for `warmup` seconds untimed, then until both the duration and the count are reached."""
-    end = time.perf_counter() + warmup
-    while time.perf_counter() < end:
-        fn()
-    latencies: list[float] = []
-    started = time.perf_counter()
-    while len(latencies) < min_iterations or time.perf_counter() - started < min_duration:
-        t0 = time.perf_counter()
-        fn()
-        latencies.append(time.perf_counter() - t0)
-    return Timing(latencies)
-
-
 PEAK_SIZE = 2048  # float32 [2048, 2048] @ [2048, 2048]: large enough for the BLAS to reach its peak
 
 
 def describe_machine() -> str:
     """CPU model, its widest vector extensions and the threads torch uses: what the numbers depend on."""
-    import platform
-
-    model, flags = platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
-    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile") if f in flags]
+    model, isa = cpu_model(), cpu_isa()
     return f"{model} [{' '.join(isa) or 'no AVX'}], {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 

@@ -18,7 +18,7 @@ import torch
 
 from vae_rt.backends import DEVICES, PRECISIONS, BaseBackend, check_choice, chunk_bounds, get_backend, resolve_device
 from vae_rt.backends.ort import CUDA_EP, available_providers
-from vae_rt.checkpoint import BUNDLED_CHECKPOINT
+from vae_rt.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
 from vae_rt.data import cache_dir
 from vae_rt.engine import build_engine, engine_skip_reason
 from vae_rt.errors import UserError
@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 LATENT_BLOCK = 4096  # rows drawn per generator call; fixed, so z never depends on the batch size
 DEFAULT_BATCH = {"cpu": 1024, "cuda": 65536}  # CPU: activations of 1024 rows stay in cache (measured best); GPU: fills an H100
 MAX_BATCH = 1 << 22  # 4M images = 13 GB of float32 output per call: beyond that nothing gets faster
-BACKEND_CHOICES = ("auto", "torch", "ort", "trt")
+BACKEND_CHOICES = ("auto", "torch", "ort", "trt", "openvino")
+PRECISION_CHOICES = (*PRECISIONS, "auto")
 ENGINE_DIR_ENV = "VAE_RT_ENGINE_DIR"
 
 
@@ -153,9 +154,11 @@ def open_sampler(
     """Open a sampler on a checkpoint, an ONNX file, a TensorRT plan, or the bundled model (None).
 
     Args:
-        backend: 'torch', 'ort', 'trt', or 'auto' (trt -> ort on CUDA -> torch on CUDA -> fastest CPU path).
+        backend: 'torch', 'ort', 'trt', 'openvino', or 'auto' (trt -> ort on CUDA -> torch on CUDA -> on the
+            CPU, per batch size the engine measured fastest here: see `vae_rt.backends.auto`).
         precision: 'fp32', 'fp16' or 'bf16'; None picks the backend's fastest safe choice
-            (fp16 on a GPU, fp32 on the CPU, or what an ONNX file/plan holds).
+            (fp16 on a GPU, fp32 on the CPU, or what an ONNX file/plan holds). 'auto' (with backend 'auto'):
+            on the CPU, the fastest of fp32 and the reduced precisions whose quality gate passed on this model.
         device: 'auto', 'cpu' or 'cuda'.
     Raises:
         UserError: unknown option, missing file or dependency, a combination that cannot run here.
@@ -163,14 +166,49 @@ def open_sampler(
     check_choice("--backend", backend, BACKEND_CHOICES)
     check_choice("--device", device, DEVICES)
     if precision is not None:
-        check_choice("--precision", precision, PRECISIONS)
+        check_choice("--precision", precision, PRECISION_CHOICES)
+    if precision == "auto" and backend != "auto":
+        raise UserError("--precision auto needs --backend auto")
     path = Path(model) if model is not None else BUNDLED_CHECKPOINT
     kind = artifact_kind(path)
     why = None
     if backend == "auto":
-        backend, device, why = choose_backend(kind, precision, device)
+        backend, device, why = choose_backend(kind, None if precision == "auto" else precision, device)
+        if device == "cpu" and kind != "plan":
+            engine, why = cpu_auto_backend(path, kind, precision)
+            log.info("backend auto: %s", why)
+            return Sampler(engine, batch_size, why)
         log.info("backend auto: %s", why)
     return Sampler(_create(backend, path, kind, precision, device, cuda_graphs), batch_size, why)
+
+
+def cpu_auto_backend(path: Path, kind: str, precision: str | None) -> tuple[BaseBackend, str]:
+    """`auto` on the CPU, and why: the engines that can serve `precision` here, chosen per batch size by a cached timing run."""
+    from vae_rt.backends.auto import AutoBackend
+    from vae_rt.backends.ort import inspect_onnx
+    from vae_rt.backends.openvino import native_bf16
+    from vae_rt.tuning import allowed_precisions, candidate_engines
+
+    installed = {"torch"} | ({"ort"} if available_providers() else set()) | ({"openvino"} if _installed("openvino") else set())
+    z_dim, _, stored = inspect_onnx(path) if kind == "onnx" else (load_checkpoint(path)[0].config.z_dim, 0, "fp32")
+    precisions = allowed_precisions(precision, gates_passed=[]) if stored == "fp32" else [stored]
+    engines = candidate_engines(precisions, kind, stored, installed, native_bf16())
+    if not engines:
+        raise UserError(f"no CPU backend can run {path} in {', '.join(precisions)} here")
+
+    def make(backend: str, engine_precision: str) -> BaseBackend:
+        return _create(backend, path, kind, engine_precision, "cpu", cuda_graphs=False)
+
+    if len(engines) == 1:  # nothing to choose between, nothing to time
+        return make(*engines[0]), f"{' '.join(engines[0])} is the only CPU engine for {', '.join(precisions)} here"
+    auto = AutoBackend(engines, make, sha256_file(path), z_dim).open()
+    return auto, auto.why
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def artifact_kind(path: Path) -> str:
@@ -227,6 +265,11 @@ def _create(backend: str, path: Path, kind: str, precision: str | None, device: 
         ort_on_gpu = on_gpu and CUDA_EP in available_providers()
         onnx_path = path if kind == "onnx" else cached_onnx(path, precision or ("fp16" if ort_on_gpu else "fp32"))
         return get_backend("ort", onnx_path=onnx_path, precision=precision, device=device)
+    if backend == "openvino":
+        if kind == "plan":
+            raise UserError(f"--backend openvino needs a checkpoint or an ONNX file, got the TensorRT plan {path}")
+        onnx_path = path if kind == "onnx" else cached_onnx(path, "fp32")  # its precision is a hint on the fp32 model
+        return get_backend("openvino", onnx_path=onnx_path, precision=precision, device=device)
     reason = engine_skip_reason()
     if reason:
         raise UserError(f"--backend trt: {reason}")

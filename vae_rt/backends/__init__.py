@@ -16,7 +16,7 @@ import torch
 
 from vae_rt.errors import RuntimeFailure, UserError
 
-BACKENDS = {"torch": "pt", "ort": "ort", "trt": "trt"}  # public name -> module in this package
+BACKENDS = {"torch": "pt", "ort": "ort", "trt": "trt", "openvino": "openvino"}  # public name -> module in this package
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 Latents = np.ndarray | torch.Tensor  # checked latents: numpy in host memory, a tensor on a GPU
@@ -144,7 +144,7 @@ def _all_finite(z: Latents) -> bool:
 
 
 def get_backend(name: str, **kwargs: Any) -> BaseBackend:
-    """Construct backend `name` ('torch', 'ort' or 'trt'); its optional dependency is imported only now."""
+    """Construct backend `name` ('torch', 'ort', 'trt' or 'openvino'); its optional dependency is imported only now."""
     if name not in BACKENDS:
         raise UserError(f"unknown backend {name!r}; choose one of: auto, {', '.join(BACKENDS)}")
     module = importlib.import_module(f"vae_rt.backends.{BACKENDS[name]}")
