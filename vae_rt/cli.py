@@ -30,8 +30,10 @@ WIDE = 140  # tables are printed this wide even into a pipe, where rich would as
 ModelOption = Annotated[
     Path | None, typer.Option("--model", help="Checkpoint (.pth), ONNX file or TensorRT plan; default: the bundled model.")
 ]
-BackendOption = Annotated[str, typer.Option(help="auto, torch, ort or trt.")]
-PrecisionOption = Annotated[str | None, typer.Option(help="fp32, fp16 or bf16; default: the fastest safe one for the device.")]
+BackendOption = Annotated[str, typer.Option(help="auto, torch, ort, trt or openvino.")]
+PrecisionOption = Annotated[
+    str | None, typer.Option(help="fp32, fp16, bf16, or auto (with --backend auto); default: the fastest safe one for the device.")
+]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 DataDirOption = Annotated[
     Path | None, typer.Option(help="Folder with the four MNIST .gz files (else $VAE_RT_MNIST_DIR, else download).")
@@ -300,19 +302,21 @@ def compare(
 @handle_errors
 def bench(
     model: ModelOption = None,
-    backends: Annotated[str, typer.Option(help="Comma-separated: auto, torch, ort, trt.")] = "auto,torch,ort,trt",
+    backends: Annotated[str, typer.Option(help="Comma-separated: auto, torch, ort, trt, openvino.")] = "auto,torch,ort,trt,openvino",
     precisions: Annotated[str, typer.Option(help="Comma-separated: fp32, fp16, bf16.")] = "fp32,fp16,bf16",
     device: DeviceOption = "auto",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,64,1024,8192",
     duration: Annotated[float, typer.Option(help="Seconds timed per row, spread over 5 interleaved rounds (after warm-up).")] = 1.0,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a samples/s-vs-batch plot (PNG).")] = None,
+    peers: Annotated[bool, typer.Option(help="Also time torch.compile, raw ONNX Runtime, raw OpenVINO f32/bf16 and ORT int8.")] = False,
 ) -> None:
     """Latency and throughput of every backend/precision available here, in one run (trtexec-style)."""
     import json
 
     from vae_rt.bench import bench_targets, describe_machine, plot_throughput, run_benchmarks
     from vae_rt.files import check_file_target, write_atomic
+    from vae_rt.peers import PEERS
 
     try:
         sizes = [int(b) for b in _split(batch_sizes)]
@@ -325,9 +329,11 @@ def bench(
             check_file_target(option, path)
     targets = bench_targets(*_backends_and_precisions(backends, precisions), device)
     with err.status("benchmarking") as status:
-        rows, peak = run_benchmarks(targets, sizes, model, duration, on_row=lambda r: status.update(f"{r.runs_on}, batch {r.batch}"))
+        rows, limits = run_benchmarks(targets, sizes, model, duration, on_row=lambda r: status.update(f"{r.runs_on}, batch {r.batch}"),
+                                      peers=tuple(PEERS) if peers else ())
     machine = describe_machine()
-    out.print(f"CPU float32 matmul peak, measured in the same run: {peak:.1f} GFLOP/s ({machine})")
+    rates = ", ".join(f"{precision} {gflops:.1f}" for precision, gflops in limits.items())
+    out.print(f"CPU matmul limit (best GEMM rate, GFLOP/s), measured in the same run: {rates} ({machine})")
     table = Table("backend", "prec", "device", "batch", "samples/s", "p50 ms", "p99 ms", "GFLOP/s", "vs eager", "% peak", "CV")
     for r in rows:
         if not r.iterations:
@@ -346,7 +352,7 @@ def bench(
     if any(r.notes for r in rows):
         out.print("! = noisy (CV above 10%): close other programs or raise --duration")
     if json_path is not None:
-        report = {"machine": machine, "matmul_peak_gflops": peak, "rows": [r.as_dict() for r in rows]}
+        report = {"machine": machine, "matmul_limit_gflops": limits, "rows": [r.as_dict() for r in rows]}
         write_atomic(json_path, json.dumps(report, indent=2) + "\n")
         out.print(f"wrote {json_path}")
     if plot is not None:
