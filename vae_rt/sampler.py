@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -60,18 +60,22 @@ class Sampler:
         runs out of device memory is split in halves and retried (with a warning), and the smaller
         batch size is kept for the calls that follow.
         """
+        return self._decode(z, out, self.backend.decode)
+
+    def _decode(self, z: torch.Tensor | np.ndarray, out: torch.Tensor | None, decode: Callable) -> torch.Tensor:
+        """`decode` through the backend's `decode` (latents checked) or `decode_drawn` (latents drawn here)."""
         # Not len(): torch's Tensor.__len__ is Python code (a share of a batch-1 decode) and fails on
         # 0-d input. What is not an array at all counts 0 rows and goes to the backend's check, which names it.
         rows = z.shape[0] if getattr(z, "ndim", 0) else 0
         while True:
             try:
                 if rows <= self.batch_size:
-                    return self.backend.decode(z, out)
+                    return decode(z, out)
                 images = out if out is not None else torch.empty(
                     (rows, *IMAGE_SHAPE), dtype=torch.float32, device=self.backend.device
                 )
                 for a, b in chunk_bounds(rows, self.batch_size):
-                    self.backend.decode(z[a:b], out=images[a:b])  # straight into place: no concatenation
+                    decode(z[a:b], images[a:b])  # straight into place: no concatenation
                 return images
             except Exception as error:
                 if not is_out_of_memory(error) or self.batch_size == 1:
@@ -95,7 +99,7 @@ class Sampler:
         """
         ring = [self._ring_buffer() for _ in range(reuse)]
         for index, z in enumerate(latent_batches(n, self.z_dim, seed, self.batch_size)):
-            yield self.decode(z, ring[index % reuse][: len(z)] if ring else None)
+            yield self._decode(z, ring[index % reuse][: len(z)] if ring else None, self.backend.decode_drawn)
 
     def _ring_buffer(self) -> torch.Tensor:
         shape = (self.batch_size, *IMAGE_SHAPE)

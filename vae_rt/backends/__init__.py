@@ -72,9 +72,16 @@ class BaseBackend:
             UserError: wrong shape, dtype or non-finite latents. RuntimeError: not opened.
             RuntimeFailure: reduced-precision output that overflowed to NaN/Inf.
         """
+        return self._run(check_latents(z, self.z_dim), out)
+
+    def decode_drawn(self, z: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`decode` for latents the Sampler drew itself (float32 `[B, z_dim]`, finite): nothing to check again."""
+        return self._run(z.numpy() if z.is_cpu else z, out)
+
+    def _run(self, z: Latents, out: torch.Tensor | None) -> torch.Tensor:
         if not self.is_open:
             raise RuntimeError(f"{self.name} backend: decode() called before open()")
-        images = self._decode(check_latents(z, self.z_dim), out)
+        images = self._decode(z, out)
         if self.precision != "fp32" and not bool(torch.isfinite(images).all()):
             raise RuntimeFailure(f"{self.describe()}: output has NaN/Inf (reduced-precision overflow)")
         return images

@@ -80,13 +80,19 @@ class AutoBackend(BaseBackend):
 
     def decode(self, z: torch.Tensor | Latents, out: torch.Tensor | None = None) -> torch.Tensor:
         """As `BaseBackend.decode`; the chosen engine checks the latents (once) and decodes them."""
+        return self._engine_for_rows(z).decode(z, out)
+
+    def decode_drawn(self, z: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self._engine_for_rows(z).decode_drawn(z, out)
+
+    def _engine_for_rows(self, z: object) -> BaseBackend:
         if not self.is_open:
             raise RuntimeError("auto backend: decode() called before open()")
-        rows = z.shape[0] if getattr(z, "ndim", 0) else 0
+        rows = z.shape[0] if getattr(z, "ndim", 0) else 0  # what is not an array goes on to the engine's check
         engine = self._by_rows.get(rows)
         if engine is None:
             engine = self._by_rows[rows] = self._engine(tuning.fastest(self.timings, rows))
-        return engine.decode(z, out)
+        return engine
 
     def engine_for(self, rows: int) -> str:
         """The label of the engine that decodes a batch of `rows`."""
