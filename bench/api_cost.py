@@ -47,8 +47,8 @@ def main() -> None:
         for round_ in range(1, args.rounds + 1):
             seconds = {name: per_call(fn, args.calls) for name, fn in timed.items()}
             raw = seconds["raw session.run"]
-            for name in ratios:
-                ratios[name].append(seconds[name] / raw)
+            for name, collected in ratios.items():
+                collected.append(seconds[name] / raw)
             print(f"round {round_}: " + ", ".join(f"{name} {s * 1e6:.1f} us" for name, s in seconds.items()))
     for name, values in ratios.items():
         print(f"median of {args.rounds}: {name} = {statistics.median(values):.3f}x the raw call")

@@ -189,8 +189,8 @@ def open_sampler(
 def cpu_auto_backend(path: Path, kind: str, precision: str | None) -> tuple[BaseBackend, str]:
     """`auto` on the CPU, and why: the engines that can serve `precision` here, chosen per batch size by a cached timing run."""
     from vae_rt.backends.auto import AutoBackend
-    from vae_rt.backends.ort import inspect_onnx
     from vae_rt.backends.openvino import native_bf16
+    from vae_rt.backends.ort import inspect_onnx
     from vae_rt.tuning import allowed_precisions, candidate_engines
 
     installed = {"torch"} | ({"ort"} if available_providers() else set()) | ({"openvino"} if _installed("openvino") else set())
