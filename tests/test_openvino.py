@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from vae_rt import open_sampler
-from vae_rt.backends.openvino import native_bf16
+from vae_rt.capabilities import native_bf16
 from vae_rt.checkpoint import load_checkpoint
 from vae_rt.errors import UserError
 from vae_rt.parity import compare
-from vae_rt.sampler import cached_onnx, draw_latents
+from vae_rt.resolve import cached_onnx
+from vae_rt.sampler import draw_latents
 
 pytest.importorskip("openvino")
 
@@ -34,7 +35,7 @@ def test_decodes_into_a_slice_of_a_larger_result(bundled):
 
 @pytest.mark.skipif(native_bf16(), reason="this CPU has native bf16; the refusal is for CPUs without it")
 def test_bf16_is_refused_in_one_line_without_native_bf16(bundled):
-    with pytest.raises(UserError, match="^--precision bf16: this CPU has no native bf16"):
+    with pytest.raises(UserError, match="^precision bf16: this CPU has no native bf16"):
         open_sampler(bundled, "openvino", "bf16", "cpu")
 
 

@@ -91,7 +91,7 @@ class FakeEngine:
     def close(self):
         self.closed = True
 
-    def decode(self, z, out=None):
+    def decode(self, z, out=None, check_inputs=True):
         self.batches.append(z.shape[0])
         return torch.zeros(z.shape[0], 1, 28, 28)
 
@@ -129,5 +129,5 @@ def test_auto_on_the_cpu_decodes_like_torch_fp32_and_logs_its_choice_once(bundle
 def test_precision_auto_needs_backend_auto(bundled):
     from vae_rt.errors import UserError
 
-    with pytest.raises(UserError, match="--precision auto needs --backend auto"):
+    with pytest.raises(UserError, match="precision auto needs backend auto"):
         open_sampler(bundled, "ort", "auto", "cpu")

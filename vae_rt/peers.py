@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from vae_rt.backends.openvino import native_bf16
+from vae_rt.capabilities import native_bf16
 from vae_rt.checkpoint import load_checkpoint
 from vae_rt.model import INPUT_NAME
 

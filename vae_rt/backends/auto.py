@@ -78,12 +78,9 @@ class AutoBackend(BaseBackend):
             engine.close()
         self._open_engines, self._by_rows = {}, {}
 
-    def decode(self, z: torch.Tensor | Latents, out: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, z: torch.Tensor | Latents, out: torch.Tensor | None = None, check_inputs: bool = True) -> torch.Tensor:
         """As `BaseBackend.decode`; the chosen engine checks the latents (once) and decodes them."""
-        return self._engine_for_rows(z).decode(z, out)
-
-    def decode_drawn(self, z: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        return self._engine_for_rows(z).decode_drawn(z, out)
+        return self._engine_for_rows(z).decode(z, out, check_inputs)
 
     def _engine_for_rows(self, z: object) -> BaseBackend:
         if not self.is_open:

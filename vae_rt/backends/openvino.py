@@ -12,23 +12,13 @@ from pathlib import Path
 
 import torch
 
+from vae_rt.artifacts import inspect_onnx
 from vae_rt.backends import BaseBackend, Latents, to_device
-from vae_rt.backends.ort import inspect_onnx
+from vae_rt.capabilities import native_bf16
 from vae_rt.errors import UserError, require
 from vae_rt.model import IMAGE_SHAPE
 
 OV_PRECISIONS = ("fp32", "bf16")
-
-
-def native_bf16(core: object | None = None) -> bool:
-    """Whether OpenVINO's CPU plugin reports native bf16 arithmetic on this CPU (False without openvino)."""
-    if core is None:
-        try:
-            import openvino
-        except ImportError:
-            return False
-        core = openvino.Core()
-    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 class OpenVinoBackend(BaseBackend):
@@ -42,14 +32,14 @@ class OpenVinoBackend(BaseBackend):
 
     def __init__(self, onnx_path: Path, precision: str | None = None, device: str = "cpu", threads: int | None = None):
         if device not in ("auto", "cpu"):
-            raise UserError(f"--backend openvino runs on the CPU only, not on {device}")
+            raise UserError(f"backend openvino runs on the CPU only, not on {device}")
         precision = precision or "fp32"
         if precision not in OV_PRECISIONS:
-            raise UserError(f"--backend openvino serves {' or '.join(OV_PRECISIONS)}, not {precision}")
+            raise UserError(f"backend openvino serves {' or '.join(OV_PRECISIONS)}, not {precision}")
         self.onnx_path = Path(onnx_path)
         z_dim, self.x_dim, stored = inspect_onnx(self.onnx_path)
         if stored != "fp32":
-            raise UserError(f"--backend openvino reads the fp32 ONNX (its precision is a hint); {self.onnx_path} is {stored}")
+            raise UserError(f"backend openvino reads the fp32 ONNX (its precision is a hint); {self.onnx_path} is {stored}")
         super().__init__(precision, "cpu")
         self.z_dim = z_dim
         self.threads = threads or torch.get_num_threads()  # the same cores torch and ort use: a fair comparison
@@ -63,7 +53,7 @@ class OpenVinoBackend(BaseBackend):
 
         core = ov.Core()
         if self.precision == "bf16" and not native_bf16(core):
-            raise UserError("--precision bf16: this CPU has no native bf16 (OpenVINO reports no BF16 capability)")
+            raise UserError("precision bf16: this CPU has no native bf16 (OpenVINO reports no BF16 capability)")
         wanted = ov.Type.bf16 if self.precision == "bf16" else ov.Type.f32
         config = {
             hints.inference_precision: wanted,
@@ -76,7 +66,7 @@ class OpenVinoBackend(BaseBackend):
             raise UserError(f"{self.onnx_path}: openvino cannot compile it: {str(err).splitlines()[0]}") from err
         actual = compiled.get_property(hints.inference_precision)
         if actual != wanted:
-            raise UserError(f"--precision {self.precision}: openvino compiled the model in {actual}, not {wanted}")
+            raise UserError(f"precision {self.precision}: openvino compiled the model in {actual}, not {wanted}")
         self._request = compiled.create_infer_request()
 
     def _close(self) -> None:

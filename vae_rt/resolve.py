@@ -1,0 +1,177 @@
+"""From a model path and options to an opened-ready backend: the artifact's kind, the auto choice, the cache.
+
+Artifacts a backend needs (an ONNX file, a TensorRT engine) are exported or built once and cached,
+keyed by the checkpoint's sha256. This is the one module that joins builders and backends.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from vae_rt.artifacts import inspect_onnx, onnx_path_for, read_manifest
+from vae_rt.backends import BACKEND_CHOICES, DEVICES, PRECISIONS, BaseBackend, check_choice, get_backend, resolve_device
+from vae_rt.capabilities import CUDA_EP, available_providers, engine_skip_reason, native_bf16
+from vae_rt.checkpoint import BUNDLED_CHECKPOINT, read_checkpoint
+from vae_rt.data import cache_dir
+from vae_rt.engine import build_engine
+from vae_rt.errors import UserError
+from vae_rt.export import export_onnx
+from vae_rt.files import sha256_file
+
+log = logging.getLogger(__name__)
+notice = logging.getLogger("vae_rt.notice")  # slow one-time work a user should hear about even without -v
+
+ENGINE_DIR_ENV = "VAE_RT_ENGINE_DIR"
+PRECISION_CHOICES = (*PRECISIONS, "auto")  # auto: the fastest precision whose quality gate passed (CPU)
+KINDS = {".pth": "checkpoint", ".pt": "checkpoint", ".onnx": "onnx", ".plan": "plan", ".engine": "plan"}
+
+
+def resolve_backend(
+    model: str | Path | None, backend: str, precision: str | None, device: str, cuda_graphs: bool = True
+) -> tuple[BaseBackend, str | None]:
+    """The backend that serves `model` (the bundled checkpoint when None), and why, when `backend` was 'auto'.
+
+    Raises:
+        UserError: unknown option, missing file or dependency, a combination that cannot run here.
+    """
+    check_choice("backend", backend, BACKEND_CHOICES)
+    check_choice("device", device, DEVICES)
+    if precision is not None:
+        check_choice("precision", precision, PRECISION_CHOICES)
+    if precision == "auto" and backend != "auto":
+        raise UserError("precision auto needs backend auto")
+    path = Path(model) if model is not None else BUNDLED_CHECKPOINT
+    kind = artifact_kind(path)
+    why = None
+    if backend == "auto":
+        # precision 'auto' on a GPU is its default already: fp16, the fastest that passes parity
+        backend, device, why = choose_backend(kind, None if precision == "auto" else precision, device)
+        if device == "cpu" and kind != "plan":
+            chosen, why = cpu_auto_backend(path, kind, precision)
+            log.info("backend auto: %s", why)
+            return chosen, why
+        log.info("backend auto: %s", why)
+    return create_backend(backend, path, kind, precision, device, cuda_graphs), why
+
+
+def cpu_auto_backend(path: Path, kind: str, precision: str | None) -> tuple[BaseBackend, str]:
+    """`auto` on the CPU, and why: the engines that can serve `precision` here, chosen per batch size by a cached timing run."""
+    from vae_rt.backends.auto import AutoBackend
+    from vae_rt.tuning import allowed_precisions, candidate_engines
+
+    installed = {"torch"} | ({"ort"} if available_providers() else set()) | ({"openvino"} if _installed("openvino") else set())
+    z_dim, _, stored = inspect_onnx(path) if kind == "onnx" else (read_checkpoint(path)["config"].z_dim, 0, "fp32")
+    precisions = allowed_precisions(precision, gates_passed=[]) if stored == "fp32" else [stored]
+    engines = candidate_engines(precisions, kind, stored, installed, native_bf16())
+    if not engines:
+        raise UserError(f"no CPU backend can run {path} in {', '.join(precisions)} here")
+
+    def make(backend: str, engine_precision: str) -> BaseBackend:
+        return create_backend(backend, path, kind, engine_precision, "cpu", cuda_graphs=False)
+
+    if len(engines) == 1:  # nothing to choose between, nothing to time
+        return make(*engines[0]), f"{' '.join(engines[0])} is the only CPU engine for {', '.join(precisions)} here"
+    auto = AutoBackend(engines, make, sha256_file(path), z_dim).open()
+    return auto, auto.why
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def artifact_kind(path: Path) -> str:
+    """'checkpoint', 'onnx' or 'plan', from the file's extension; the file must exist."""
+    if path.suffix not in KINDS:
+        raise UserError(f"model {path}: unknown kind of file; expected .pth (checkpoint), .onnx or .plan")
+    if not path.is_file():
+        raise UserError(f"model {path}: no such file")
+    return KINDS[path.suffix]
+
+
+def choose_backend(kind: str, precision: str | None, device: str) -> tuple[str, str, str]:
+    """(backend, device, explanation) of the fastest backend that can run `kind` here.
+
+    On the CPU, ONNX Runtime beats torch's eager dispatch at small batches and matches it at large
+    ones (docs/benchmarks.md), so it is preferred whenever onnxruntime is installed.
+    """
+    skipped = []
+    gpu = resolve_device(device) == "cuda"  # an explicit 'cuda' without a GPU fails here, never falls back
+    if kind == "plan":
+        return "trt", "cuda", "a TensorRT plan runs only on trt"
+    candidates = []
+    no_bf16_onnx = "vae-rt exports ONNX in fp32 and fp16 only" if precision == "bf16" else None
+    if gpu:
+        trt_reason = engine_skip_reason() or ("trt serves fp16 only" if precision not in (None, "fp16") else None)
+        candidates += [("trt", "cuda", trt_reason)]
+        ort_reason = None if CUDA_EP in available_providers() else "onnxruntime has no CUDAExecutionProvider"
+        candidates += [("ort", "cuda", ort_reason or no_bf16_onnx)]
+        candidates += [("torch", "cuda", "an ONNX file cannot run on torch" if kind == "onnx" else None)]
+    elif device == "auto":
+        skipped.append("GPU backends: torch sees no CUDA GPU")
+    cpu_ort_reason = None if available_providers() else "onnxruntime is not installed (pip install 'vae-rt[cpu]')"
+    if device != "cuda":  # "auto" falls back to the CPU; an explicit "cuda" never does
+        candidates += [("ort", "cpu", cpu_ort_reason or no_bf16_onnx)]
+        candidates += [("torch", "cpu", "an ONNX file cannot run on torch" if kind == "onnx" else None)]
+    for name, dev, reason in candidates:
+        if reason is None:
+            because = f" (skipped: {'; '.join(skipped)})" if skipped else ""
+            return name, dev, f"chose {name} on {dev}{because}"
+        skipped.append(f"{name} on {dev}: {reason}")
+    raise UserError("no backend can run this model here: " + "; ".join(skipped))
+
+
+def create_backend(backend: str, path: Path, kind: str, precision: str | None, device: str, cuda_graphs: bool) -> BaseBackend:
+    """Backend `backend` on the artifact it needs, exported or built (and cached) from a checkpoint when needed."""
+    on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if backend == "torch":
+        if kind != "checkpoint":
+            raise UserError(f"backend torch needs a checkpoint (.pth), got {path}")
+        return get_backend("torch", checkpoint=path, precision=precision or ("fp16" if on_gpu else "fp32"),
+                           device=device, cuda_graphs=cuda_graphs)
+    if backend == "ort":
+        if kind == "plan":
+            raise UserError(f"backend ort needs a checkpoint or an ONNX file, got the TensorRT plan {path}")
+        ort_on_gpu = on_gpu and CUDA_EP in available_providers()
+        onnx_path = path if kind == "onnx" else cached_onnx(path, precision or ("fp16" if ort_on_gpu else "fp32"))
+        return get_backend("ort", onnx_path=onnx_path, precision=precision, device=device)
+    if backend == "openvino":
+        if kind == "plan":
+            raise UserError(f"backend openvino needs a checkpoint or an ONNX file, got the TensorRT plan {path}")
+        onnx_path = path if kind == "onnx" else cached_onnx(path, "fp32")  # its precision is a hint on the fp32 model
+        return get_backend("openvino", onnx_path=onnx_path, precision=precision, device=device)
+    reason = engine_skip_reason()
+    if reason:
+        raise UserError(f"backend trt: {reason}")
+    engine_path = path if kind == "plan" else cached_engine(path, kind)
+    return get_backend("trt", engine_path=engine_path, precision=precision, device=device, cuda_graphs=cuda_graphs)
+
+
+def cached_onnx(checkpoint: Path, precision: str) -> Path:
+    """The ONNX export of `checkpoint`, made once per checkpoint content and precision."""
+    if precision not in ("fp32", "fp16"):
+        raise UserError(f"backend ort serves fp32 or fp16 models, not {precision}")
+    digest = sha256_file(checkpoint)
+    out_dir = cache_dir() / "onnx"
+    path = onnx_path_for(out_dir, digest[:16], precision)
+    manifest = read_manifest(path)
+    if path.is_file() and manifest and manifest.get("source_checkpoint", {}).get("sha256") == digest:
+        return path
+    read_checkpoint(checkpoint)  # a bad checkpoint is refused before the notice of an export that cannot start
+    notice.info("exporting %s to ONNX %s (once; cached in %s)", checkpoint.name, precision, out_dir)
+    return export_onnx(checkpoint, out_dir, precision, name=digest[:16]).path
+
+
+def cached_engine(path: Path, kind: str) -> Path:
+    """A TensorRT plan for a checkpoint or ONNX file, built once per content, GPU and TensorRT version."""
+    onnx_path = path if kind == "onnx" else cached_onnx(path, "fp16")
+    engine_dir = Path(os.environ.get(ENGINE_DIR_ENV) or cache_dir() / "engines")
+    plan, built = build_engine(onnx_path, engine_dir, name=onnx_path.name.removesuffix(".onnx"))
+    if built:
+        notice.info("built the TensorRT engine %s (once; cached)", plan)
+    return plan
