@@ -56,7 +56,7 @@ class FakeClock:
         return self.now
 
     def decode_taking(self, seconds):
-        def decode(z):
+        def decode(*z):
             self.now += seconds
             return z
 
