@@ -27,6 +27,7 @@ from vae_rt.engine import DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH
 from vae_rt.errors import RuntimeFailure, UserError
 from vae_rt.export import EXPORT_PRECISIONS
 from vae_rt.output import OUTPUT_DTYPES
+from vae_rt.resolve import PRECISION_CHOICES
 from vae_rt.sampler import MAX_BATCH
 from vae_rt.train import LR_DECAYS
 
@@ -63,8 +64,8 @@ ModelOption = Annotated[
 # Literal[<tuple>] is Literal[<each value>]: typer offers exactly the library's choices, as plain strings.
 BackendOption = Annotated[Literal[BACKEND_CHOICES], typer.Option(help="Which engine decodes.")]  # type: ignore[valid-type]
 PrecisionOption = Annotated[
-    Literal[PRECISIONS] | None,  # type: ignore[valid-type]
-    typer.Option(help="Default: the fastest safe one for the device."),
+    Literal[PRECISION_CHOICES] | None,  # type: ignore[valid-type]
+    typer.Option(help="Default: the fastest safe one for the device; auto (with --backend auto): the fastest whose quality gate passed."),
 ]
 def check_device(device: str) -> str:
     """One rule for every command: `--device cuda` on a machine without a GPU is refused before any work."""
@@ -350,10 +351,12 @@ def bench(
     duration: Annotated[float, typer.Option(help="Seconds timed per row, spread over 5 interleaved rounds (after warm-up).")] = 1.0,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a samples/s-vs-batch plot (PNG).")] = None,
+    peers: Annotated[bool, typer.Option(help="Also time torch.compile, raw ONNX Runtime, raw OpenVINO f32/bf16 and ORT int8.")] = False,
 ) -> None:
     """Latency and throughput of every backend/precision available here, in one run (trtexec-style)."""
     from vae_rt.bench import bench_targets, describe_machine, plot_throughput, run_benchmarks, write_report
     from vae_rt.files import check_file_target
+    from vae_rt.peers import PEERS
 
     try:
         sizes = [int(b) for b in _split(batch_sizes)]
@@ -366,9 +369,11 @@ def bench(
             check_file_target(option, path)
     targets = bench_targets(*_backends_and_precisions(backends, precisions), device)
     with err.status("benchmarking") as status:
-        rows, peak = run_benchmarks(targets, sizes, model, duration, on_row=lambda r: status.update(f"{r.runs_on}, batch {r.batch}"))
+        rows, limits = run_benchmarks(targets, sizes, model, duration, on_row=lambda r: status.update(f"{r.runs_on}, batch {r.batch}"),
+                                      peers=tuple(PEERS) if peers else ())
     machine = describe_machine()
-    out.print(f"CPU float32 matmul peak, measured in the same run: {peak:.1f} GFLOP/s ({machine})")
+    rates = ", ".join(f"{precision} {gflops:.1f}" for precision, gflops in limits.items())
+    out.print(f"CPU matmul limit (best GEMM rate, GFLOP/s), measured in the same run: {rates} ({machine})")
     table = Table("backend", "prec", "device", "batch", "samples/s", "p50 ms", "p99 ms", "GFLOP/s", "vs eager", "% peak", "CV")
     for r in rows:
         if not r.iterations:
@@ -387,7 +392,7 @@ def bench(
     if any(r.notes for r in rows):
         out.print("! = noisy (CV above 10%): close other programs or raise --duration")
     if json_path is not None:
-        write_report(json_path, rows, peak, machine)
+        write_report(json_path, rows, limits, machine)
         out.print(f"wrote {json_path}")
     if plot is not None:
         plot_throughput(rows, plot)
