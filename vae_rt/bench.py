@@ -142,7 +142,8 @@ def bench_targets(backends: list[str], precisions: list[str], device: str) -> li
                 pointless_on_cpu = (backend, precision) in (("torch", "fp16"), ("ort", "bf16")) or (
                     backend == "auto" and precision != "fp32"  # auto on the CPU is fp32 unless told otherwise
                 )
-                if backend == "trt" or (dev == "cpu" and pointless_on_cpu):
+                cpu_only_int8 = precision == "int8" and (backend == "torch" or dev != "cpu")  # int8 is ort on the CPU
+                if backend == "trt" or cpu_only_int8 or (dev == "cpu" and pointless_on_cpu):
                     continue
                 targets.append((backend, precision, dev))
     if "trt" in backends and "fp16" in precisions and device != "cpu":

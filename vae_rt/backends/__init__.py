@@ -17,7 +17,7 @@ import torch
 from vae_rt.errors import RuntimeFailure, UserError
 
 BACKENDS = {"torch": "pt", "ort": "ort", "trt": "trt"}  # public name -> module in this package
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 DEVICES = ("auto", "cpu", "cuda")
 Latents = np.ndarray | torch.Tensor  # checked latents: numpy in host memory, a tensor on a GPU
 NP_FLOAT32 = np.dtype(np.float32)  # compared as a dtype: against the type np.float32, numpy converts it on every call

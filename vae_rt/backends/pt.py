@@ -9,6 +9,7 @@ import torch
 
 from vae_rt.backends import BaseBackend, Latents, to_device
 from vae_rt.checkpoint import load_checkpoint
+from vae_rt.errors import UserError
 from vae_rt.model import IMAGE_SHAPE
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -23,6 +24,8 @@ class TorchBackend(BaseBackend):
 
     def __init__(self, checkpoint: Path | None, precision: str = "fp32", device: str = "auto", cuda_graphs: bool = True):
         super().__init__(precision, device)
+        if precision not in DTYPES:
+            raise UserError(f"--backend torch serves {', '.join(DTYPES)}; {precision} runs on --backend ort")
         self.checkpoint = checkpoint
         self.use_graphs = cuda_graphs and self.device == "cuda"
         self._layers: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -53,8 +56,9 @@ class TorchBackend(BaseBackend):
         h = torch.addmm(b5, h, w5).relu_()
         if out is not None and w6.dtype == torch.float32:
             return torch.addmm(b6, h, w6, out=out).sigmoid_()
-        images = torch.addmm(b6, h, w6).sigmoid_()
-        return images.float() if out is None else out.copy_(images)
+        # The sigmoid in float32: fp16 / bf16 round 1 - p to 2^-11 / 2^-8, +0.46 / +0.08 nats of test loss.
+        logits = torch.addmm(b6, h, w6).float()
+        return logits.sigmoid_() if out is None else torch.sigmoid(logits, out=out)
 
     def _decode(self, z: Latents, out: torch.Tensor | None) -> torch.Tensor:
         z = to_device(z, self.device)
