@@ -36,7 +36,7 @@ def variants() -> list[tuple[str, bool, dict]]:
     common = {"quant_format": QuantFormat.QDQ, "op_types_to_quantize": ["Gemm"], "per_channel": True}
     no_fc4 = {**common, "nodes_to_exclude": [FIRST_GEMM]}
     return [
-        ("naive: every Gemm, its output too, per-tensor", True, {"quant_format": QuantFormat.QDQ}),
+        ("naive: every Gemm and its output, per-tensor", True, {"quant_format": QuantFormat.QDQ, "op_types_to_quantize": ["Gemm"]}),
         ("per-channel, logits fp32, z int8", False, {**common, "extra_options": KEEP_LOGITS}),
         ("per-channel, logits fp32, fc4 fp32 (asymmetric)", False, {**no_fc4, "extra_options": KEEP_LOGITS}),
         ("  ... symmetric, tails in calibration", True, {**no_fc4, "extra_options": SYMMETRIC}),
