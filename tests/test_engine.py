@@ -1,20 +1,15 @@
 """The logic around TensorRT (cache keys, file names, mismatch messages) on the CPU; the build itself needs a GPU."""
 
+import sys
+import types
 from dataclasses import asdict, fields, replace
 
 import pytest
 import torch
 
-from vae_rt.engine import (
-    EngineSpec,
-    Platform,
-    build_engine,
-    check_profile,
-    engine_path_for,
-    engine_skip_reason,
-    platform_mismatch,
-    spec_mismatches,
-)
+from vae_rt.artifacts import EngineSpec, Platform, engine_path_for, platform_mismatch, spec_mismatches
+from vae_rt.capabilities import engine_skip_reason
+from vae_rt.engine import build_engine, check_profile
 from vae_rt.errors import UserError
 
 H100 = Platform(tensorrt="11.4.0", gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0", cuda="13.0")
@@ -57,26 +52,32 @@ def test_bad_profiles(opt, max_batch):
         check_profile(opt, max_batch)
 
 
-def test_skip_reason_names_what_is_missing():
-    reason = engine_skip_reason()
-    try:
-        import tensorrt  # noqa: F401
+def test_skip_reason_names_what_is_missing(monkeypatch):
+    import builtins
 
-        has_trt = True
-    except ImportError:
-        has_trt = False
-    if not has_trt:
-        assert "TensorRT is not installed" in reason and "pip install" in reason
-    elif not torch.cuda.is_available():
-        assert "no CUDA GPU" in reason
-    else:
-        assert reason is None
+    real_import = builtins.__import__
+
+    def no_tensorrt(name, *args, **kwargs):
+        if name == "tensorrt":
+            raise ImportError("No module named 'tensorrt'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorrt)
+    reason = engine_skip_reason()
+    assert "TensorRT is not installed" in reason and "pip install 'vae-rt[gpu]'" in reason
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))  # installed, but no GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "no CUDA GPU" in engine_skip_reason()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert engine_skip_reason() is None
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(engine_skip_reason() is not None, reason=f"needs TensorRT and a GPU: {engine_skip_reason()}")
 def test_engine_is_built_once_reused_and_rebuilt_when_corrupt(tmp_path, random_checkpoint):
-    from vae_rt.export import export_onnx, read_manifest
+    from vae_rt.artifacts import read_manifest
+    from vae_rt.export import export_onnx
     from vae_rt.files import sha256_file
 
     onnx_path = export_onnx(random_checkpoint, tmp_path / "export", "fp16").path

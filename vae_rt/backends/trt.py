@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
+from vae_rt.artifacts import platform_mismatch, read_manifest
 from vae_rt.backends import BaseBackend, Latents, chunk_bounds, to_device
-from vae_rt.engine import capturing_logger, current_platform, platform_mismatch
+from vae_rt.capabilities import capturing_logger, current_platform
 from vae_rt.errors import RuntimeFailure, UserError, require
-from vae_rt.export import read_manifest
 from vae_rt.model import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
 
 
