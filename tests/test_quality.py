@@ -10,12 +10,12 @@ from onnx import numpy_helper
 
 import vae_rt.quantize
 from vae_rt.backends import get_backend
-from vae_rt.backends.ort import inspect_onnx
+from vae_rt.artifacts import inspect_onnx, read_manifest
 from vae_rt.checkpoint import load_checkpoint
 from vae_rt.data import load_mnist
 from vae_rt.errors import RuntimeFailure, UserError
 from vae_rt.evaluate import to_pixels
-from vae_rt.export import export_onnx, read_manifest
+from vae_rt.export import export_onnx
 from vae_rt.files import sha256_file
 from vae_rt.quality import QUALITY_LIMITS, quality_gate
 from vae_rt.sampler import open_sampler

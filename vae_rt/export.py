@@ -47,7 +47,7 @@ class ReducedDecoder(nn.Module):
 
     The sigmoid is written out as 1 / (1 + exp(-x)): ONNX Runtime's CPU Sigmoid returns exactly 0
     below x = -16 and loses relative precision in 1 - p near 1, which alone costs +0.46 nats of test
-    loss (docs/benchmarks.md); an fp16 sigmoid, saturating at 1 - 2^-11, costs as much. Both would
+    loss (docs/quality.md); an fp16 sigmoid, saturating at 1 - 2^-11, costs as much. Both would
     spend a reduced-precision model's whole quality budget.
     """
 

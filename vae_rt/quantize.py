@@ -2,7 +2,7 @@
 
 QDQ is the format TensorRT's explicit INT8 reads as well as ONNX Runtime, so one file serves both;
 for TensorRT, zero points are 0 (symmetric activations). The choices, each measured in test loss
-against fp32 (docs/benchmarks.md): weights per output channel; the first layer (z -> 256, 0.1 % of
+against fp32 (docs/quality.md): weights per output channel; the first layer (z -> 256, 0.1 % of
 the FLOP) stays fp32, since an int8 z costs more than all the rest; Gemm outputs stay fp32, so
 the logits and the sigmoid are never rounded to 8 bits; activation ranges are the min-max of
 encoder posterior draws of real training images (a percentile scores 0.07 nats better on average
