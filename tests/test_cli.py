@@ -99,6 +99,12 @@ def test_export_with_engine_required_but_impossible_exits_2(tmp_path):
 def test_compare_reports_every_pair(tmp_path):
     code, output = run("compare", "--backends", "torch,ort,trt", "--precisions", "fp32,fp16", "-n", 200)
     assert code == 0, output
+    assert "Δ test loss" in output  # the quality gate's column, beside max/mean abs
+
+
+def test_eval_gates_a_backend_and_precision(mnist_dir):
+    code, output = run("eval", "--data-dir", mnist_dir, "--limit", 300, "--backend", "torch", "--precision", "bf16", "--device", "cpu")
+    assert code == 0 and "PASS bf16 test loss" in output and "(limit +0.05, 300 test images) with torch bf16 on cpu" in output
     assert output.count("PASS") >= 3 and "skipped" in output  # trt cannot run here
 
 
@@ -128,9 +134,9 @@ def test_manifold_and_eval_and_doctor(tmp_path, mnist_dir):
         (["sample", "--model", "{tmp}/junk.pth"], "not a readable PyTorch checkpoint"),
         (["sample", "--model", "{tmp}/junk.onnx", "--backend", "ort"], "not a readable ONNX model"),
         (["export", "{tmp}/missing.pth", "--out-dir", "{tmp}/e"], "no such checkpoint file"),
-        (["export", "--precision", "int8", "--out-dir", "{tmp}/e"], "--precision takes a comma-separated list of fp32, fp16"),
+        (["export", "--precision", "int4", "--out-dir", "{tmp}/e"], "--precision takes a comma-separated list of fp32, fp16, int8"),
         (["compare", "--backends", "torch,onnx"], "--backends takes a comma-separated list of auto, torch, ort, trt"),
-        (["compare", "--precisions", "fp8"], "--precisions takes a comma-separated list of fp32, fp16, bf16"),
+        (["compare", "--precisions", "fp8"], "--precisions takes a comma-separated list of fp32, fp16, bf16, int8"),
         (["bench", "--backends", "tensorrt"], "--backends takes a comma-separated list of"),
         (["bench", "--precisions", ","], "--precisions takes a comma-separated list of"),
         (["bench", "--json", "{tmp}"], "is a folder; give a file name"),

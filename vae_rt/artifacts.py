@@ -19,6 +19,9 @@ from vae_rt.files import write_atomic
 from vae_rt.model import INPUT_NAME, OUTPUT_NAME
 
 
+WEIGHT_PRECISIONS = ((onnx.TensorProto.INT8, "int8"), (onnx.TensorProto.FLOAT16, "fp16"))  # checked in this order
+
+
 class OnnxModelError(UserError):
     """The file is not an ONNX decoder with vae-rt's input and output."""
 
@@ -49,7 +52,8 @@ def write_manifest(artifact: Path, manifest: dict[str, Any]) -> Path:
 def inspect_onnx(path: Path) -> tuple[int, int, str]:
     """(z_dim, x_dim, precision) of an exported decoder, or a one-line error saying what does not fit.
 
-    The precision is that of its weights: fp16 initializers mean an fp16 model (its I/O stays float32).
+    The precision is that of its weights: fp16 or int8 initializers mean an fp16 or int8 model (its
+    I/O stays float32).
     """
     path = Path(path)
     if not path.is_file():
@@ -76,8 +80,9 @@ def inspect_onnx(path: Path) -> tuple[int, int, str]:
             f"{path}: '{INPUT_NAME}' is {z_shape} and '{OUTPUT_NAME}' is {image_shape}; expected float32 "
             "[batch, z_dim] and [batch, 784]"
         )
-    fp16 = any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
-    return z_shape[1], image_shape[1], "fp16" if fp16 else "fp32"
+    weight_types = {t.data_type for t in graph.initializer}
+    precision = next((name for kind, name in WEIGHT_PRECISIONS if kind in weight_types), "fp32")
+    return z_shape[1], image_shape[1], precision
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int | str]:

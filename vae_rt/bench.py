@@ -120,7 +120,9 @@ def bench_targets(
                 pointless_on_cpu = (backend, precision) in (("torch", "fp16"), ("ort", "bf16"), ("openvino", "fp16")) or (
                     backend == "auto" and precision != "fp32"  # auto on the CPU is fp32 unless told otherwise
                 )
-                if backend == "trt" or (dev == "cpu" and pointless_on_cpu) or (backend == "openvino" and dev == "cuda"):
+                cpu_only_int8 = precision == "int8" and (backend == "torch" or dev != "cpu")  # int8 is ort on the CPU
+                openvino_on_cuda = backend == "openvino" and dev == "cuda"
+                if backend == "trt" or cpu_only_int8 or openvino_on_cuda or (dev == "cpu" and pointless_on_cpu):
                     continue
                 targets.append((backend, precision, dev))
     if "trt" in backends and "fp16" in precisions and device != "cpu":

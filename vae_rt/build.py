@@ -32,6 +32,7 @@ def export_artifacts(
     opt_batch: int = DEFAULT_OPT_BATCH,
     max_batch: int = DEFAULT_MAX_BATCH,
     triton_dir: Path | None = None,
+    data_dir: Path | None = None,
 ) -> ExportReport:
     """Export `checkpoint`'s decoder in each precision, then build its engine and Triton repository.
 
@@ -47,7 +48,7 @@ def export_artifacts(
         raise UserError(f"engine: cannot build a TensorRT engine here: {skip_reason}")
     report = ExportReport()
     for precision in precisions:
-        report.onnx[precision] = export_onnx(checkpoint, out_dir, precision, name)
+        report.onnx[precision] = export_onnx(checkpoint, out_dir, precision, name, data_dir)
     if engine is not False:
         if skip_reason:
             report.engine_skipped = skip_reason

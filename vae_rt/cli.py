@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import typer
 from rich.console import Console
@@ -196,14 +196,20 @@ def evaluate(
     iw_samples: Annotated[int, typer.Option(min=0, help="Also estimate -log p(x) with K importance samples (0: skip).")] = 0,
     limit: Annotated[int | None, typer.Option(min=1, help="Score only the first N test images.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the sampling noise.")] = 0,
+    backend: Annotated[str | None, typer.Option(help="Decode on this backend (torch, ort, ...) and gate it against fp32.")] = None,
+    precision: Annotated[str | None, typer.Option(help="The decoder's precision on --backend: fp32, fp16, bf16 or int8.")] = None,
+    device: DeviceOption = "auto",
 ) -> None:
-    """Test loss per image (negative ELBO) and, with --iw-samples, the importance-weighted NLL."""
+    """Test loss per image (negative ELBO); with --backend/--precision, the quality gate of that decoder."""
     from vae_rt.checkpoint import load_checkpoint
     from vae_rt.data import load_mnist
     from vae_rt.evaluate import iw_nll, test_loss, to_pixels
 
     model, _ = load_checkpoint(checkpoint)
     pixels = to_pixels(load_mnist(data_dir)[1])[:limit]
+    if backend is not None or precision is not None:
+        _evaluate_decoder(model, checkpoint, backend or "auto", precision, device, pixels, seed)
+        return
     out.print(f"test loss per image: {test_loss(model, pixels, seed=seed):.2f}  ({len(pixels)} images)")
     if iw_samples:
         with progress_bar() as bar:
@@ -212,13 +218,27 @@ def evaluate(
         out.print(f"-log p(x), {iw_samples} importance samples: {nll:.2f}")
 
 
+def _evaluate_decoder(model: VAE, checkpoint: Path | None, backend: str, precision: str | None, device: str,
+                      pixels: torch.Tensor, seed: int) -> None:
+    """`eval --backend/--precision`: the test loss through that decoder against fp32's (gated where it has a limit)."""
+    from vae_rt.quality import quality_gate
+    from vae_rt.sampler import open_sampler
+
+    with open_sampler(checkpoint, backend, precision, device) as sampler:
+        runs_on = sampler.describe()
+        gate = quality_gate(model, sampler.decode, sampler.backend.precision, pixels, seed)
+    out.print(f"{gate.summary()} with {runs_on}")
+    if not gate:
+        raise RuntimeFailure(f"{runs_on} fails its quality gate")
+
+
 @app.command()
 @handle_errors
 def export(
     checkpoint: Annotated[Path | None, typer.Argument(help="vae-rt checkpoint or the tutorial's state_dict; default: bundled.")] = None,
     out_dir: Annotated[Path, typer.Option(help="Folder for the ONNX files and their manifests.")] = Path("export"),
     engine_dir: Annotated[Path, typer.Option(help="Folder for TensorRT plans, manifests and the timing cache.")] = Path("engines"),
-    precision: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(EXPORT_PRECISIONS)}.")] = ",".join(EXPORT_PRECISIONS),
+    precision: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(EXPORT_PRECISIONS)}.")] = "fp32,fp16",
     max_batch: Annotated[int, typer.Option(min=1, help="Largest batch of the TensorRT profile (and Triton's max_batch_size).")] = DEFAULT_MAX_BATCH,
     opt_batch: Annotated[int, typer.Option(min=1, help="Batch size TensorRT tunes for.")] = DEFAULT_OPT_BATCH,
     engine: Annotated[
@@ -226,17 +246,24 @@ def export(
     ] = None,
     triton: Annotated[Path | None, typer.Option(help="Also write a Triton model repository here.")] = None,
     name: Annotated[str | None, typer.Option(help="Base name of the files (default: the checkpoint's name).")] = None,
+    data_dir: DataDirOption = None,
 ) -> None:
-    """Export the decoder to ONNX (fp32, fp16), check it on ONNX Runtime, and build a TensorRT engine."""
+    """Export the decoder to ONNX (fp32, fp16, int8), check it on ONNX Runtime, and build a TensorRT engine.
+
+    fp16 and int8 must pass their quality gate on the MNIST test set (int8 is calibrated on the
+    training set); a file that fails is not written.
+    """
     from vae_rt.build import export_artifacts
     from vae_rt.export import FP16_MAX
 
     precisions = _split_choices("--precision", precision, EXPORT_PRECISIONS)
     if opt_batch > max_batch:
         raise UserError(f"--opt-batch must be at most --max-batch ({max_batch}), got {opt_batch}")
-    report = export_artifacts(checkpoint, out_dir, precisions, name, engine_dir, engine, opt_batch, max_batch, triton)
+    report = export_artifacts(checkpoint, out_dir, precisions, name, engine_dir, engine, opt_batch, max_batch, triton, data_dir)
     for p, result in report.onnx.items():
         out.print(f"wrote {result.path}  ({result.parity.summary()})")
+        if result.quality is not None:
+            out.print(f"  quality gate: {result.quality.summary()}")
         if p == "fp16":
             peak = max(result.activation_peak.values())
             verdict = "within fp16 range" if peak <= FP16_MAX else f"BEYOND fp16 range ({FP16_MAX:g}): expect Inf/NaN"
@@ -315,29 +342,42 @@ def compare(
     device: DeviceOption = "auto",
     n: Annotated[int, typer.Option("-n", "--count", min=1, help="Normal latents (tail points are added).")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the latents.")] = 0,
+    quality: Annotated[bool, typer.Option(help="Also gate each pair on the MNIST test loss (against fp32's).")] = True,
+    data_dir: DataDirOption = None,
 ) -> None:
-    """Parity report: every backend/precision against the torch fp32 reference on the same latents."""
+    """Parity report: every backend/precision against the torch fp32 reference on the same latents.
+
+    The "Δ test loss" column is each decoder's test loss minus fp32's, in nats per image (the
+    quality gate: at most +0.05 for fp16/bf16, +0.5 for int8).
+    """
     from vae_rt.compare import run_comparisons
 
-    rows = run_comparisons(model, *_backends_and_precisions(backends, precisions), device, n, seed)
-    table = Table("backend", "precision", "runs on", "max abs", "mean abs", "median abs", "worst", "NaN/Inf", "result")
+    test_pixels = None
+    if quality:
+        from vae_rt.data import load_mnist
+        from vae_rt.evaluate import to_pixels
+
+        test_pixels = to_pixels(load_mnist(data_dir)[1])
+    rows = run_comparisons(model, *_backends_and_precisions(backends, precisions), device, n, seed, test_pixels)
+    table = Table("backend", "precision", "runs on", "max abs", "mean abs", "Δ test loss", "median abs", "worst", "NaN/Inf", "result")
     failed = False
     for row in rows:
         if row.report is None:
-            table.add_row(row.backend, row.precision, "-", "", "", "", "", "", Text("skipped", style="yellow"))
+            table.add_row(row.backend, row.precision, "-", "", "", "", "", "", "", Text("skipped", style="yellow"))
             continue
-        r = row.report
-        failed |= not r.passed
+        r, q = row.report, row.quality
+        failed |= not row.passed
+        loss = "-" if q is None else f"{q.delta:+.3f}" + (f" (≤{q.limit:g})" if q.limit is not None else "")
         table.add_row(
-            row.backend, row.precision, row.runs_on, f"{r.max_abs:.3g}", f"{r.mean_abs:.3g}", f"{r.median_abs:.3g}",
-            str(r.worst_sample), f"{r.nan_count}/{r.inf_count}", Text("PASS", style="green") if r.passed else Text("FAIL", style="red"),
+            row.backend, row.precision, row.runs_on, f"{r.max_abs:.3g}", f"{r.mean_abs:.3g}", loss, f"{r.median_abs:.3g}",
+            str(r.worst_sample), f"{r.nan_count}/{r.inf_count}", Text("PASS", style="green") if row.passed else Text("FAIL", style="red"),
         )
     print_table(table)
     for row in rows:
         if row.skipped:
             out.print(f"skipped {row.backend} {row.precision}: {row.skipped}")
     if failed:
-        raise RuntimeFailure("some backends disagree with the torch fp32 reference beyond tolerance")
+        raise RuntimeFailure("some backends disagree with the torch fp32 reference beyond tolerance or fail their quality gate")
 
 
 @app.command()
@@ -345,7 +385,7 @@ def compare(
 def bench(
     model: ModelOption = None,
     backends: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(BACKEND_CHOICES)}.")] = ",".join(BACKEND_CHOICES),
-    precisions: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(PRECISIONS)}.")] = ",".join(PRECISIONS),
+    precisions: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(PRECISIONS)}.")] = "fp32,fp16,bf16",  # int8 on request: its export needs MNIST
     device: DeviceOption = "auto",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,64,1024,8192",
     duration: Annotated[float, typer.Option(help="Seconds timed per row, spread over 5 interleaved rounds (after warm-up).")] = 1.0,

@@ -19,7 +19,7 @@ from vae_rt.checkpoint import BUNDLED_CHECKPOINT, read_checkpoint
 from vae_rt.data import cache_dir
 from vae_rt.engine import build_engine
 from vae_rt.errors import UserError
-from vae_rt.export import export_onnx
+from vae_rt.export import EXPORT_PRECISIONS, export_onnx
 from vae_rt.files import sha256_file
 
 log = logging.getLogger(__name__)
@@ -105,19 +105,21 @@ def choose_backend(kind: str, precision: str | None, device: str) -> tuple[str, 
     if kind == "plan":
         return "trt", "cuda", "a TensorRT plan runs only on trt"
     candidates = []
-    no_bf16_onnx = "vae-rt exports ONNX in fp32 and fp16 only" if precision == "bf16" else None
+    no_bf16_onnx = "vae-rt exports ONNX in fp32, fp16 and int8 only" if precision == "bf16" else None
+    no_torch_int8 = "torch has no int8 decoder" if precision == "int8" else None
     if gpu:
         trt_reason = engine_skip_reason() or ("trt serves fp16 only" if precision not in (None, "fp16") else None)
         candidates += [("trt", "cuda", trt_reason)]
         ort_reason = None if CUDA_EP in available_providers() else "onnxruntime has no CUDAExecutionProvider"
-        candidates += [("ort", "cuda", ort_reason or no_bf16_onnx)]
-        candidates += [("torch", "cuda", "an ONNX file cannot run on torch" if kind == "onnx" else None)]
+        int8_on_cpu = "the int8 model is checked and served on the CPU provider" if precision == "int8" else None
+        candidates += [("ort", "cuda", ort_reason or no_bf16_onnx or int8_on_cpu)]
+        candidates += [("torch", "cuda", "an ONNX file cannot run on torch" if kind == "onnx" else no_torch_int8)]
     elif device == "auto":
         skipped.append("GPU backends: torch sees no CUDA GPU")
     cpu_ort_reason = None if available_providers() else "onnxruntime is not installed (pip install 'vae-rt[cpu]')"
     if device != "cuda":  # "auto" falls back to the CPU; an explicit "cuda" never does
         candidates += [("ort", "cpu", cpu_ort_reason or no_bf16_onnx)]
-        candidates += [("torch", "cpu", "an ONNX file cannot run on torch" if kind == "onnx" else None)]
+        candidates += [("torch", "cpu", "an ONNX file cannot run on torch" if kind == "onnx" else no_torch_int8)]
     for name, dev, reason in candidates:
         if reason is None:
             because = f" (skipped: {'; '.join(skipped)})" if skipped else ""
@@ -154,8 +156,8 @@ def create_backend(backend: str, path: Path, kind: str, precision: str | None, d
 
 def cached_onnx(checkpoint: Path, precision: str) -> Path:
     """The ONNX export of `checkpoint`, made once per checkpoint content and precision."""
-    if precision not in ("fp32", "fp16"):
-        raise UserError(f"backend ort serves fp32 or fp16 models, not {precision}")
+    if precision not in EXPORT_PRECISIONS:
+        raise UserError(f"backend ort serves {', '.join(EXPORT_PRECISIONS)} models, not {precision}")
     digest = sha256_file(checkpoint)
     out_dir = cache_dir() / "onnx"
     path = onnx_path_for(out_dir, digest[:16], precision)

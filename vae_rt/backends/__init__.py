@@ -17,7 +17,7 @@ from vae_rt.errors import RuntimeFailure, UserError
 
 BACKENDS = {"torch": "pt", "ort": "ort", "trt": "trt", "openvino": "openvino"}  # public name -> module in this package
 BACKEND_CHOICES = ("auto", *BACKENDS)
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 DEVICES = ("auto", "cpu", "cuda")
 Latents = np.ndarray | torch.Tensor  # latents at the engine: numpy in host memory, a tensor on a GPU
 

@@ -9,6 +9,7 @@ import torch
 
 from vae_rt.backends import BaseBackend, Latents, to_device
 from vae_rt.checkpoint import load_checkpoint
+from vae_rt.errors import UserError
 from vae_rt.model import IMAGE_SHAPE, Decoder
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -23,6 +24,8 @@ class TorchBackend(BaseBackend):
 
     def __init__(self, checkpoint: Path | None, precision: str = "fp32", device: str = "auto", cuda_graphs: bool = True):
         super().__init__(precision, device)
+        if precision not in DTYPES:
+            raise UserError(f"--backend torch serves {', '.join(DTYPES)}; {precision} runs on --backend ort")
         self.checkpoint = checkpoint
         self.use_graphs = cuda_graphs and self.device == "cuda"
         self._decoder: Decoder | None = None
@@ -43,7 +46,8 @@ class TorchBackend(BaseBackend):
     @torch.inference_mode()
     def _forward(self, z: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """[B, z_dim] -> float32 [B, 784], written into `out` ([B, 784] float32) when given."""
-        images = self._decoder(z.to(DTYPES[self.precision])).float()
+        # The sigmoid in float32: fp16 / bf16 round 1 - p to 2^-11 / 2^-8, +0.46 / +0.08 nats of test loss.
+        images = self._decoder.logits(z.to(DTYPES[self.precision])).float().sigmoid_()
         return images if out is None else out.copy_(images)
 
     def _decode(self, z: Latents, out: torch.Tensor | None) -> torch.Tensor:
