@@ -9,8 +9,8 @@ import pytest
 from onnx import numpy_helper
 
 import vae_rt.quantize
-from vae_rt.backends import get_backend
 from vae_rt.artifacts import inspect_onnx, read_manifest
+from vae_rt.backends import get_backend
 from vae_rt.checkpoint import load_checkpoint
 from vae_rt.data import load_mnist
 from vae_rt.errors import RuntimeFailure, UserError

@@ -18,7 +18,6 @@ from vae_rt.errors import UserError
 from vae_rt.files import write_atomic
 from vae_rt.model import INPUT_NAME, OUTPUT_NAME
 
-
 WEIGHT_PRECISIONS = ((onnx.TensorProto.INT8, "int8"), (onnx.TensorProto.FLOAT16, "fp16"))  # checked in this order
 
 

@@ -31,6 +31,11 @@ from vae_rt.resolve import PRECISION_CHOICES
 from vae_rt.sampler import MAX_BATCH
 from vae_rt.train import LR_DECAYS
 
+if TYPE_CHECKING:  # annotations only: the commands import torch and the model when they run
+    import torch
+
+    from vae_rt.model import VAE
+
 
 class OneLineUsageErrors(TyperGroup):
     """Typer's usage errors (a bad choice, a number out of range, an unknown option) as one line and exit 2."""

@@ -52,9 +52,10 @@ def resolve_backend(
         backend, device, why = choose_backend(kind, None if precision == "auto" else precision, device)
         if device == "cpu" and kind != "plan":
             chosen, why = cpu_auto_backend(path, kind, precision)
-            log.info("backend auto: %s", why)
-            return chosen, why
+        else:
+            chosen = create_backend(backend, path, kind, precision, device, cuda_graphs)
         log.info("backend auto: %s", why)
+        return chosen, why
     return create_backend(backend, path, kind, precision, device, cuda_graphs), why
 
 

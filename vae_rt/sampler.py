@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vae_rt.backends import BaseBackend, chunk_bounds
+from vae_rt.backends import BaseBackend, chunk_bounds, latent_rows
 from vae_rt.errors import UserError
 from vae_rt.files import block_aligned_empty
 from vae_rt.model import IMAGE_SHAPE
@@ -52,7 +52,7 @@ class Sampler:
         runs out of device memory is split in halves and retried (with a warning), and the smaller
         batch size is kept for the calls that follow. `check_inputs=False` is for latents drawn here.
         """
-        rows = z.shape[0] if getattr(z, "ndim", 0) else 0  # not an array, or 0-d: the backend's check names it
+        rows = latent_rows(z)
         while True:
             try:
                 if rows <= self.batch_size:

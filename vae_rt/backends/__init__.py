@@ -95,6 +95,11 @@ class BaseBackend:
         raise NotImplementedError
 
 
+def latent_rows(z: object) -> int:
+    """How many latents `z` holds; 0 for what is not an array or is 0-d, which `check_latents` then names."""
+    return z.shape[0] if getattr(z, "ndim", 0) else 0
+
+
 def engine_latents(z: torch.Tensor | np.ndarray) -> Latents:
     """Latents as engines take them: host memory as a numpy array (a tensor's memory, not a copy), GPU ones as the tensor."""
     if isinstance(z, torch.Tensor):

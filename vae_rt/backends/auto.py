@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from vae_rt import tuning
-from vae_rt.backends import BaseBackend, Latents
+from vae_rt.backends import BaseBackend, Latents, latent_rows
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class AutoBackend(BaseBackend):
     def _engine_for_rows(self, z: object) -> BaseBackend:
         if not self.is_open:
             raise RuntimeError("auto backend: decode() called before open()")
-        rows = z.shape[0] if getattr(z, "ndim", 0) else 0  # what is not an array goes on to the engine's check
+        rows = latent_rows(z)
         engine = self._by_rows.get(rows)
         if engine is None:
             engine = self._by_rows[rows] = self._engine(tuning.fastest(self.timings, rows))
