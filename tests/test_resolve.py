@@ -52,6 +52,17 @@ def test_onnx_export_is_cached_by_checkpoint_content(random_checkpoint):
     assert cached_onnx(random_checkpoint, "fp16") == first and first.stat().st_mtime_ns == stamp
 
 
+def test_an_export_made_by_an_older_vae_rt_is_made_again(random_checkpoint):
+    from vae_rt.artifacts import read_manifest, write_manifest
+
+    path = cached_onnx(random_checkpoint, "fp32")
+    manifest = read_manifest(path)
+    del manifest["export_revision"]  # as every cache entry written before the revision was recorded
+    write_manifest(path, manifest)
+    assert cached_onnx(random_checkpoint, "fp32") == path
+    assert read_manifest(path)["export_revision"] == resolve_module.EXPORT_REVISION
+
+
 def test_trt_without_tensorrt_names_what_to_install(random_checkpoint):
     from vae_rt.capabilities import engine_skip_reason
 

@@ -37,6 +37,7 @@ from vae_rt.quality import QualityGate, quality_gate
 log = logging.getLogger(__name__)
 
 OPSET = 18  # torchlib's base opset: no version conversion, stable across torch releases
+EXPORT_REVISION = 2  # raised whenever the exported graph changes (2: fp32 sigmoid in fp16/int8), so caches re-export
 FP16_MAX = 65504.0
 EXPORT_PRECISIONS = ("fp32", "fp16", "int8")
 VALIDATION_BATCHES = (1, 7, None)  # None: every latent, tails included
@@ -115,6 +116,7 @@ def export_onnx(
         "sha256": sha256_file(path),
         "precision": precision,
         "opset": OPSET,
+        "export_revision": EXPORT_REVISION,
         "source_checkpoint": {"path": str(source), "sha256": sha256_file(source)},
         "model_config": model.config.as_dict(),
         "inputs": [{"name": INPUT_NAME, "shape": ["batch", model.config.z_dim], "dtype": "float32"}],

@@ -19,7 +19,7 @@ from vae_rt.checkpoint import BUNDLED_CHECKPOINT, read_checkpoint
 from vae_rt.data import cache_dir
 from vae_rt.engine import build_engine
 from vae_rt.errors import UserError
-from vae_rt.export import EXPORT_PRECISIONS, export_onnx
+from vae_rt.export import EXPORT_PRECISIONS, EXPORT_REVISION, export_onnx
 from vae_rt.files import sha256_file
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,10 @@ def cached_onnx(checkpoint: Path, precision: str) -> Path:
     out_dir = cache_dir() / "onnx"
     path = onnx_path_for(out_dir, digest[:16], precision)
     manifest = read_manifest(path)
-    if path.is_file() and manifest and manifest.get("source_checkpoint", {}).get("sha256") == digest:
+    if (
+        path.is_file() and manifest and manifest.get("source_checkpoint", {}).get("sha256") == digest
+        and manifest.get("export_revision") == EXPORT_REVISION  # an older vae-rt's export is made again
+    ):
         return path
     read_checkpoint(checkpoint)  # a bad checkpoint is refused before the notice of an export that cannot start
     notice.info("exporting %s to ONNX %s (once; cached in %s)", checkpoint.name, precision, out_dir)
