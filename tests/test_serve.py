@@ -87,7 +87,8 @@ def latents(seed: int, rows: int) -> np.ndarray:
 
 
 def test_one_startup_line_says_what_runs_where(server):
-    (line,) = [line for line in server.log_path.read_text().splitlines() if line.startswith("serving ")]
+    line = server.wait_for_line("serving ")
+    assert sum(text.startswith("serving ") for text in server.log_path.read_text().splitlines()) == 1
     assert line.startswith("serving vae_decoder (torch fp32 on cpu) on http://127.0.0.1:")
     assert f"grpc 127.0.0.1:{server.grpc}" in line and f"{server.metrics}/metrics" in line
     assert f"dynamic batching up to {MAX_BATCH} latents, 500 µs queue delay" in line

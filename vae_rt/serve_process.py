@@ -59,6 +59,17 @@ class ServerProcess:
         finally:
             client.close()
 
+    def wait_for_line(self, prefix: str, timeout_s: float = 30) -> str:
+        """The first line of its output starting with `prefix`; the model can answer ready before that line is out."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            lines = [line for line in self.log_path.read_text().splitlines() if line.startswith(prefix)]
+            if lines:
+                return lines[0]
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeFailure(f"no line starting {prefix!r} after {timeout_s:g}s: {self.log_path.read_text()}")
+            time.sleep(0.1)
+
     def counter(self, name: str) -> float:
         """A Prometheus counter of the model (e.g. nv_inference_count), summed over its versions."""
         url = f"http://127.0.0.1:{self.metrics}/metrics"
