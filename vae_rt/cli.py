@@ -156,7 +156,7 @@ def export(
     engine_dir: Annotated[Path, typer.Option(help="Folder for TensorRT plans, manifests and the timing cache.")] = Path("engines"),
     precision: Annotated[str, typer.Option(help="Comma-separated: fp32, fp16.")] = "fp32,fp16",
     max_batch: Annotated[int, typer.Option(help="Largest batch of the TensorRT profile (and Triton's max_batch_size).")] = 65536,
-    opt_batch: Annotated[int, typer.Option(help="Batch size TensorRT tunes for.")] = 1024,
+    opt_batch: Annotated[int, typer.Option(help="Batch size TensorRT tunes for (default: the sampler's CUDA batch).")] = 65536,
     engine: Annotated[
         bool | None, typer.Option("--engine/--no-engine", help="Require / skip the TensorRT engine (default: build when possible).")
     ] = None,

@@ -20,7 +20,7 @@ from vae_rt.backends import DEVICES, PRECISIONS, BaseBackend, check_choice, chun
 from vae_rt.backends.ort import CUDA_EP, available_providers
 from vae_rt.checkpoint import BUNDLED_CHECKPOINT
 from vae_rt.data import cache_dir
-from vae_rt.engine import build_engine, engine_skip_reason
+from vae_rt.engine import DEFAULT_MAX_BATCH, build_engine, engine_skip_reason
 from vae_rt.errors import UserError
 from vae_rt.export import export_onnx, onnx_path_for, read_manifest
 from vae_rt.files import block_aligned_empty, sha256_file
@@ -170,7 +170,8 @@ def open_sampler(
     if backend == "auto":
         backend, device, why = choose_backend(kind, precision, device)
         log.info("backend auto: %s", why)
-    return Sampler(_create(backend, path, kind, precision, device, cuda_graphs), batch_size, why)
+    serving_batch = batch_size or DEFAULT_BATCH["cuda"]  # trt only runs on CUDA
+    return Sampler(_create(backend, path, kind, precision, device, cuda_graphs, serving_batch), batch_size, why)
 
 
 def artifact_kind(path: Path) -> str:
@@ -214,7 +215,9 @@ def choose_backend(kind: str, precision: str | None, device: str) -> tuple[str, 
     raise UserError("no backend can run this model here: " + "; ".join(skipped))
 
 
-def _create(backend: str, path: Path, kind: str, precision: str | None, device: str, cuda_graphs: bool) -> BaseBackend:
+def _create(
+    backend: str, path: Path, kind: str, precision: str | None, device: str, cuda_graphs: bool, serving_batch: int
+) -> BaseBackend:
     on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if backend == "torch":
         if kind != "checkpoint":
@@ -230,7 +233,7 @@ def _create(backend: str, path: Path, kind: str, precision: str | None, device: 
     reason = engine_skip_reason()
     if reason:
         raise UserError(f"--backend trt: {reason}")
-    engine_path = path if kind == "plan" else cached_engine(path, kind)
+    engine_path = path if kind == "plan" else cached_engine(path, kind, serving_batch)
     return get_backend("trt", engine_path=engine_path, precision=precision, device=device, cuda_graphs=cuda_graphs)
 
 
@@ -248,11 +251,17 @@ def cached_onnx(checkpoint: Path, precision: str) -> Path:
     return export_onnx(checkpoint, out_dir, precision, name=digest[:16]).path
 
 
-def cached_engine(path: Path, kind: str) -> Path:
-    """A TensorRT plan for a checkpoint or ONNX file, built once per content, GPU and TensorRT version."""
+def cached_engine(path: Path, kind: str, serving_batch: int) -> Path:
+    """A TensorRT plan for a checkpoint or ONNX file, built once per content, GPU, TensorRT version and batch size.
+
+    The profile's opt batch is the batch that will serve (the backend chunks at the profile max):
+    TensorRT picks its kernels for that one size.
+    """
     onnx_path = path if kind == "onnx" else cached_onnx(path, "fp16")
     engine_dir = Path(os.environ.get(ENGINE_DIR_ENV) or cache_dir() / "engines")
-    return build_engine(onnx_path, engine_dir, name=onnx_path.name.removesuffix(".onnx"))[0]
+    opt_batch = min(serving_batch, DEFAULT_MAX_BATCH)
+    name = f"{onnx_path.name.removesuffix('.onnx')}.opt{opt_batch}"  # one file per opt batch: no rebuild when sizes alternate
+    return build_engine(onnx_path, engine_dir, name, opt_batch, opt_batch_is="the sampler's batch size")[0]
 
 
 def manifold_latents(grid: int, z_dim: int) -> torch.Tensor:
