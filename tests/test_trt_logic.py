@@ -83,5 +83,6 @@ def test_the_cached_engine_is_tuned_for_the_serving_batch(monkeypatch, tmp_path,
     monkeypatch.setenv(sampler.ENGINE_DIR_ENV, str(tmp_path))
     sampler.cached_engine(tmp_path / "dec.fp16.onnx", "onnx", serving)
     ((onnx_path, engine_dir, name, opt_batch), kwargs), = calls
+    assert onnx_path == tmp_path / "dec.fp16.onnx" and engine_dir == tmp_path
     assert opt_batch == opt and name == f"dec.fp16.opt{opt}"
     assert kwargs == {"opt_batch_is": "the sampler's batch size"}
