@@ -156,7 +156,9 @@ def export(
     engine_dir: Annotated[Path, typer.Option(help="Folder for TensorRT plans, manifests and the timing cache.")] = Path("engines"),
     precision: Annotated[str, typer.Option(help="Comma-separated: fp32, fp16.")] = "fp32,fp16",
     max_batch: Annotated[int, typer.Option(help="Largest batch of the TensorRT profile (and Triton's max_batch_size).")] = 65536,
-    opt_batch: Annotated[int, typer.Option(help="Batch size TensorRT tunes for (default: the sampler's CUDA batch).")] = 65536,
+    opt_batch: Annotated[
+        int | None, typer.Option(help="Batch size TensorRT tunes for (default: the sampler's CUDA batch, 65536, or --max-batch if smaller).")
+    ] = None,
     engine: Annotated[
         bool | None, typer.Option("--engine/--no-engine", help="Require / skip the TensorRT engine (default: build when possible).")
     ] = None,
@@ -164,10 +166,11 @@ def export(
     name: Annotated[str | None, typer.Option(help="Base name of the files (default: the checkpoint's name).")] = None,
 ) -> None:
     """Export the decoder to ONNX (fp32, fp16), check it on ONNX Runtime, and build a TensorRT engine."""
-    from vae_rt.engine import build_engine, check_profile, engine_skip_reason
+    from vae_rt.engine import DEFAULT_OPT_BATCH, build_engine, check_profile, engine_skip_reason
     from vae_rt.export import FP16_MAX, export_onnx
 
     precisions = _split_choices("--precision", precision, ("fp32", "fp16"))
+    opt_batch = opt_batch if opt_batch is not None else min(DEFAULT_OPT_BATCH, max_batch)
     check_profile(opt_batch, max_batch)
     skip_reason = engine_skip_reason() if engine is not False else None
     if engine and skip_reason:
