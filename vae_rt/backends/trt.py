@@ -1,4 +1,4 @@
-"""The TensorRT backend: a cached engine (fp16, or strict fp32) bound to torch CUDA tensors, batches split at the profile max.
+"""The TensorRT backend: a cached engine (fp16 or strict fp32) on torch CUDA tensors, split at the profile max.
 
 Written from TensorRT 10/11's documented Python API; the logic around the calls (chunking, manifest
 checks, error messages) is plain code tested on the CPU. Needs `tensorrt` (extra `gpu`) and a GPU.
