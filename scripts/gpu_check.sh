@@ -69,7 +69,7 @@ if step probe 60 "$py" -c "$probe"; then
         plot_args=()
         echo "SKIP bench plot: matplotlib is not installed" | tee "$out/bench-plot.txt"
     fi
-    step bench 100 "$py" -m vae_rt bench --device cuda --batch-sizes 1,64,1024,65536,262144 --duration 1 \
+    step bench 100 "$py" -m vae_rt bench --device cuda --backends torch,ort,trt --batch-sizes 1,1024,65536,262144 --duration 1 \
         --json "$out/bench.json" "${plot_args[@]}"
     step sample-uint8 45 "$py" -m vae_rt sample --device cuda -n 1000000 --dtype uint8 --out "$out/samples-uint8.npy"
     step sample-fp32 45 "$py" -m vae_rt sample --device cuda --backend torch --precision fp32 -n 300000 \
