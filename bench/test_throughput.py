@@ -5,33 +5,22 @@ Results are grouped by batch size; `extra_info` holds samples/s and GFLOP/s of e
 """
 
 import pytest
-import torch
 
 from vae_rt import open_sampler
-from vae_rt.backends.ort import CUDA_EP, available_providers
-from vae_rt.bench import reference_decoder
+from vae_rt.backends import BACKEND_CHOICES, PRECISIONS
+from vae_rt.bench import bench_targets, reference_decoder
 from vae_rt.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
-from vae_rt.engine import engine_skip_reason
+from vae_rt.errors import UserError
 from vae_rt.parity import compare
 from vae_rt.sampler import draw_latents
 
 BATCHES = [1, 64, 1024, 8192]
 CONFIG = load_checkpoint(BUNDLED_CHECKPOINT)[0].config
-NO_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: torch.cuda.is_available() is False")
-NO_ORT = pytest.mark.skipif(not available_providers(), reason="needs onnxruntime: pip install 'vae-rt[cpu]'")
-NO_ORT_CUDA = pytest.mark.skipif(CUDA_EP not in available_providers(), reason="needs onnxruntime-gpu (CUDAExecutionProvider)")
-NO_TRT = pytest.mark.skipif(engine_skip_reason() is not None, reason=f"needs TensorRT and a GPU: {engine_skip_reason()}")
-
+# The same (backend, precision, device) list as `vae-rt bench`, for every device this machine has, and
+# CUDA rows always: where they cannot run they are skipped with the reason.
 TARGETS = [
-    pytest.param(("torch", "fp32", "cpu"), id="torch-fp32-cpu"),
-    pytest.param(("ort", "fp32", "cpu"), marks=NO_ORT, id="ort-fp32-cpu"),
-    pytest.param(("ort", "fp16", "cpu"), marks=NO_ORT, id="ort-fp16-cpu"),
-    pytest.param(("torch", "bf16", "cpu"), id="torch-bf16-cpu"),
-    pytest.param(("auto", None, "cpu"), id="auto-cpu"),
-    pytest.param(("torch", "fp32", "cuda"), marks=[pytest.mark.gpu, NO_GPU], id="torch-fp32-cuda"),
-    pytest.param(("torch", "fp16", "cuda"), marks=[pytest.mark.gpu, NO_GPU], id="torch-fp16-cuda"),
-    pytest.param(("ort", "fp16", "cuda"), marks=[pytest.mark.gpu, NO_GPU, NO_ORT_CUDA], id="ort-fp16-cuda"),
-    pytest.param(("trt", "fp16", "cuda"), marks=[pytest.mark.gpu, NO_TRT], id="trt-fp16-cuda"),
+    pytest.param(target, id="-".join(str(part) for part in target), marks=[pytest.mark.gpu] if target[2] == "cuda" else [])
+    for target in bench_targets(list(BACKEND_CHOICES), list(PRECISIONS), "auto", include_cuda=True)
 ]
 
 
@@ -68,7 +57,10 @@ def test_decode(benchmark, samplers, target, batch):
     backend, precision, device = target
     benchmark.group = f"batch {batch:>5}"
     if target not in samplers:
-        samplers[target] = open_sampler(None, backend, precision, device)
+        try:
+            samplers[target] = open_sampler(None, backend, precision, device)
+        except UserError as error:
+            pytest.skip(str(error))
     sampler = samplers[target]
     benchmark.extra_info["runs_on"] = sampler.describe()
     z = draw_latents(batch, CONFIG.z_dim, seed=batch)

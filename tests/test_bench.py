@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from unittest.mock import MagicMock
 
 import pytest
@@ -43,21 +44,48 @@ def test_timed_call_copies_to_the_host_only_from_a_gpu():
     decode.assert_called_with("z")
 
 
-def test_rows_carry_ratios_against_the_eager_reference():
-    pytest.importorskip("onnxruntime")
-    rows, peak = run_benchmarks([("ort", "fp32", "cpu"), ("trt", "fp16", "cuda")], [1, 5], min_duration=0.0)
-    assert peak > 0
+class FakeClock:
+    """time.perf_counter for the harness: only the decodes below move it, so every latency is known exactly."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def decode_taking(self, seconds):
+        def decode(z):
+            self.now += seconds
+            return z
+
+        return decode
+
+
+def test_rows_measure_each_target_against_the_eager_reference(monkeypatch):
+    import vae_rt.bench as bench_module
+
+    clock = FakeClock()
+    monkeypatch.setattr(bench_module.time, "perf_counter", clock)
+    monkeypatch.setattr(bench_module, "reference_decoder", lambda checkpoint: clock.decode_taking(0.001))
+    monkeypatch.setattr(bench_module, "_matmul_call", lambda: clock.decode_taking(0.5))
+
+    def fake_sampler(checkpoint, backend, precision, device):
+        if backend == "trt":
+            raise UserError("TensorRT is not installed")
+        return SimpleNamespace(decode=clock.decode_taking(0.004), describe=lambda: "slow fake", chosen_because=None,
+                               backend=SimpleNamespace(name=backend, precision=precision, device=device), close=lambda: None)
+
+    monkeypatch.setattr(bench_module, "open_sampler", fake_sampler)
+    rows, _ = run_benchmarks([("ort", "fp32", "cpu"), ("trt", "fp16", "cuda")], [1, 8], min_duration=0.0)
     eager = [r for r in rows if r.backend == "torch-eager"]
-    ort = [r for r in rows if r.backend == "ort"]
-    assert [r.batch for r in eager] == [1, 5] and [r.batch for r in ort] == [1, 5]
-    for row in eager:
-        assert row.vs_torch_eager == pytest.approx(1.0)
-    for row in ort:
-        assert row.samples_per_s == pytest.approx(row.batch / (row.p50_ms / 1e3))
-        assert row.gflops == pytest.approx(row.samples_per_s * 1_065_984 / 1e9)
-        assert row.pct_of_peak == pytest.approx(100 * row.gflops / peak)
+    slow = [r for r in rows if r.runs_on == "slow fake"]
+    assert [r.batch for r in eager] == [1, 8] and [r.batch for r in slow] == [1, 8]
+    for row in slow:  # four times the eager latency: a quarter of its speed
+        assert row.p50_ms == pytest.approx(4.0) and row.vs_torch_eager == pytest.approx(0.25)
+        assert row.samples_per_s == pytest.approx(row.batch / 0.004)
+    assert eager[1].samples_per_s == pytest.approx(8 / 0.001)
     skipped = [r for r in rows if r.backend == "trt"]
-    assert len(skipped) == 1 and skipped[0].runs_on.startswith("skipped:")
+    assert len(skipped) == 1 and skipped[0].runs_on == "skipped: TensorRT is not installed"
 
 
 def test_bad_batch_sizes():

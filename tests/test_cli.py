@@ -49,9 +49,27 @@ def test_sample_fp16_on_ort_is_within_fp16_tolerance(tmp_path):
     assert diff.max() <= 5e-3 and diff.mean() <= 5e-4
 
 
-def test_sample_auto_says_which_backend_ran(tmp_path):
+def test_sample_auto_says_which_backend_ran_and_why_once_with_v(tmp_path):
     code, output = run("sample", "--backend", "auto", "--device", "cpu", "-n", 8, "--out", tmp_path / "a.npy")
-    assert code == 0 and "with ort fp32 on CPUExecutionProvider" in output and "backend auto: chose ort on cpu" in output
+    assert code == 0 and "with ort fp32 on CPUExecutionProvider" in output and "chose ort on cpu" not in output
+    code, output = run("-v", "sample", "--backend", "auto", "--device", "cpu", "-n", 8, "--out", tmp_path / "a.npy")
+    assert code == 0 and output.count("backend auto: chose ort on cpu") == 1, output
+
+
+def test_sample_counts_the_whole_command_and_says_when_it_exports(tmp_path, random_checkpoint, monkeypatch):
+    monkeypatch.setenv("VAE_RT_CACHE_DIR", str(tmp_path / "fresh-cache"))
+    code, output = run("sample", "--model", random_checkpoint, "--backend", "ort", "-n", 8, "--out", tmp_path / "a.npy")
+    assert code == 0 and output.count("exporting random.pth to ONNX fp32 (once") == 1, output
+    total, decoding = map(float, re.search(r"in ([\d.]+)s \(decode and write ([\d.]+)s", output).groups())
+    assert total > decoding  # the export is counted in the total
+    code, output = run("sample", "--model", random_checkpoint, "--backend", "ort", "-n", 8, "--out", tmp_path / "a.npy")
+    assert code == 0 and "exporting" not in output  # cached
+
+
+def test_version():
+    from vae_rt import __version__
+
+    assert run("--version") == (0, f"vae-rt {__version__}\n")
 
 
 def test_export_writes_both_onnx_files_and_skips_the_engine(tmp_path, tutorial_state_dict):
@@ -63,18 +81,18 @@ def test_export_writes_both_onnx_files_and_skips_the_engine(tmp_path, tutorial_s
         assert (tmp_path / "export" / f"checkpoint_8.{precision}.onnx").is_file()
         assert (tmp_path / "export" / f"checkpoint_8.{precision}.onnx.json").is_file()
     assert "PASS fp32" in output and "PASS fp16" in output and "within fp16 range" in output
-    if torch.cuda.is_available():
-        return
-    assert "engine skipped:" in output
     assert (tmp_path / "triton" / "vae_decoder_onnx" / "1" / "model.onnx").is_file()
+    from vae_rt.capabilities import engine_skip_reason
+
+    assert ("engine skipped:" in output) == (engine_skip_reason() is not None)
 
 
 def test_export_with_engine_required_but_impossible_exits_2(tmp_path):
-    from vae_rt.engine import engine_skip_reason
+    from vae_rt.capabilities import engine_skip_reason
 
     if engine_skip_reason() is None:
         pytest.skip("TensorRT can build engines here")
-    assert_one_line_error(["export", "--engine", "--out-dir", tmp_path], "--engine: cannot build a TensorRT engine here")
+    assert_one_line_error(["export", "--engine", "--out-dir", tmp_path], "engine: cannot build a TensorRT engine here")
     if "not installed" in engine_skip_reason():
         assert_one_line_error(["export", "--engine", "--out-dir", tmp_path], "pip install 'vae-rt[gpu]'")  # not eaten as markup
     assert not list(tmp_path.iterdir())
@@ -98,13 +116,14 @@ def test_manifold_and_eval_and_doctor(tmp_path, mnist_dir):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["sample", "-n", 0], "-n must be at least 1"),
-        (["sample", "-n", -5], "-n must be at least 1"),
-        (["sample", "--batch-size", 0, "--out", "{tmp}/x.npy"], "--batch-size must be between 1 and"),
-        (["sample", "--batch-size", 10**9, "--out", "{tmp}/x.npy"], "--batch-size must be between 1 and"),
-        (["sample", "--backend", "tensorflow"], "--backend must be one of"),
-        (["sample", "--precision", "int4"], "--precision must be one of"),
-        (["sample", "--device", "tpu"], "--device must be one of"),
+        (["sample", "-n", 0], "'-n' / '--count': Input should be greater than or equal to 1"),
+        (["sample", "-n", -5], "'-n' / '--count': Input should be greater than or equal to 1"),
+        (["sample", "--batch-size", 0, "--out", "{tmp}/x.npy"], "'--batch-size': Input should be greater than or equal to 1"),
+        (["sample", "--batch-size", 10**9, "--out", "{tmp}/x.npy"], "'--batch-size': Input should be less than or equal to"),
+        (["sample", "--backend", "tensorflow"], "'--backend': 'tensorflow' is not one of 'auto', 'torch'"),
+        (["sample", "--precision", "int4"], "'--precision': 'int4' is not one of 'fp32'"),
+        (["sample", "--device", "tpu"], "'--device': 'tpu' is not one of 'auto', 'cpu', 'cuda'"),
+        (["sample", "--bogus"], "No such option: --bogus"),
         (["sample", "--out", "{tmp}/nowhere/x.png"], "does not exist"),
         (["sample", "--out", "{tmp}/x.gif"], "unsupported extension"),
         (["sample", "--model", "{tmp}/missing.pth"], "no such file"),
@@ -118,9 +137,9 @@ def test_manifold_and_eval_and_doctor(tmp_path, mnist_dir):
         (["bench", "--precisions", ","], "--precisions takes a comma-separated list of"),
         (["bench", "--json", "{tmp}"], "is a folder; give a file name"),
         (["bench", "--plot", "{tmp}/nowhere/b.png"], "/nowhere does not exist"),
-        (["export", "--max-batch", 8, "--opt-batch", 16, "--out-dir", "{tmp}/e"], "--opt-batch must be between"),
-        (["train", "--epochs", 0, "--out", "{tmp}/r"], "--epochs must be at least 1"),
-        (["train", "--lr", "nan", "--epochs", 1, "--out", "{tmp}/r"], "--lr must be a positive finite number"),
+        (["export", "--max-batch", 8, "--opt-batch", 16, "--out-dir", "{tmp}/e"], "--opt-batch must be at most --max-batch (8)"),
+        (["train", "--epochs", 0, "--out", "{tmp}/r"], "'--epochs': Input should be greater than or equal to 1"),
+        (["train", "--lr", "nan", "--epochs", 1, "--out", "{tmp}/r"], "lr must be a positive finite number"),
         (["train", "--epochs", 1, "--out", "{tmp}/junk.pth"], "a file of that name is in the way"),
         (["export", "--out-dir", "{tmp}/junk.pth/e"], "cannot create the folder (Not a directory)"),
         (["eval", "{tmp}/junk.pth"], "not a readable PyTorch checkpoint"),
@@ -143,10 +162,12 @@ def test_a_path_the_system_refuses_is_one_line_and_exit_2(tmp_path, monkeypatch)
     assert_one_line_error(["sample", "-n", 4, "--backend", "torch", "--out", tmp_path / "s.png"], "s.png: Permission denied")
 
 
-def test_device_cuda_without_cuda_exits_2():
+@pytest.mark.parametrize("command", [["sample"], ["manifold"], ["compare"], ["bench", "--duration", "0.01"], ["train"]])
+def test_device_cuda_without_cuda_exits_2_on_every_command(tmp_path, command):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    assert_one_line_error(["sample", "--device", "cuda"], "--device cuda")
+    assert_one_line_error([*command, "--device", "cuda"], "'--device': torch sees no CUDA GPU")
+    assert not list(tmp_path.iterdir())  # refused before any work
 
 
 def test_train_prints_one_line_per_epoch_and_writes_the_run(tmp_path, mnist_dir):

@@ -1,5 +1,7 @@
 """The logic around TensorRT (cache keys, file names, mismatch messages) on the CPU; the build itself needs a GPU."""
 
+import sys
+import types
 from dataclasses import asdict, fields, replace
 from types import SimpleNamespace
 from unittest import mock
@@ -7,21 +9,23 @@ from unittest import mock
 import pytest
 import torch
 
-from vae_rt.engine import (
-    DEFAULT_OPT_BATCH,
+from vae_rt.artifacts import (
     EngineSpec,
     Platform,
+    engine_path_for,
+    platform_mismatch,
+    spec_mismatches,
+    timing_cache_path,
+)
+from vae_rt.capabilities import engine_skip_reason
+from vae_rt.engine import (
+    DEFAULT_OPT_BATCH,
     allows_tf32,
     attach_timing_cache,
     build_engine,
     check_profile,
     configure_build,
-    engine_path_for,
-    engine_skip_reason,
     network_flags,
-    platform_mismatch,
-    spec_mismatches,
-    timing_cache_path,
 )
 from vae_rt.errors import UserError
 
@@ -46,12 +50,6 @@ def test_every_key_field_forces_a_rebuild(field):
     assert len(reasons) == 1 and reasons[0].startswith(field)
 
 
-def test_a_manifest_from_before_the_tf32_field_means_rebuild():
-    old = {k: v for k, v in asdict(SPEC).items() if k != "tf32"}
-    assert spec_mismatches({"spec": old}, SPEC) == ["tf32 is None, needed True"]
-    assert platform_mismatch({"spec": old}, H100) is None  # still readable
-
-
 def test_missing_manifest_means_rebuild():
     assert spec_mismatches(None, SPEC) == ["it has no readable manifest"]
 
@@ -64,6 +62,58 @@ def test_engine_for_another_gpu_or_tensorrt_says_what_it_was_built_for():
     assert "built for TensorRT 11.4.0 on NVIDIA H100 80GB HBM3 (sm 9.0" in message
     assert "this is TensorRT 11.4.0 on NVIDIA A100-SXM4-80GB (sm 8.0" in message and "rebuild" in message
     assert "TensorRT 10.16.0" in platform_mismatch(manifest, replace(H100, tensorrt="10.16.0"))
+
+
+@pytest.mark.parametrize("opt, max_batch", [(0, 10), (11, 10), (1, 0)])
+def test_bad_profiles(opt, max_batch):
+    with pytest.raises(UserError):
+        check_profile(opt, max_batch)
+
+
+def test_skip_reason_names_what_is_missing(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorrt(name, *args, **kwargs):
+        if name == "tensorrt":
+            raise ImportError("No module named 'tensorrt'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorrt)
+    reason = engine_skip_reason()
+    assert "TensorRT is not installed" in reason and "pip install 'vae-rt[gpu]'" in reason
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))  # installed, but no GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "no CUDA GPU" in engine_skip_reason()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert engine_skip_reason() is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(engine_skip_reason() is not None, reason=f"needs TensorRT and a GPU: {engine_skip_reason()}")
+def test_engine_is_built_once_reused_and_rebuilt_when_corrupt(tmp_path, random_checkpoint):
+    from vae_rt.artifacts import read_manifest
+    from vae_rt.export import export_onnx
+    from vae_rt.files import sha256_file
+
+    onnx_path = export_onnx(random_checkpoint, tmp_path / "export", "fp16").path
+    plan, built = build_engine(onnx_path, tmp_path / "engines", "random.fp16", opt_batch=64, max_batch=1024)
+    assert built and plan.is_file()
+    manifest = read_manifest(plan)
+    assert manifest["sha256"] == sha256_file(plan) and manifest["spec"]["max_batch"] == 1024
+    assert manifest["spec"]["opt_batch"] == 64 and manifest["opt_batch_is"] == "opt_batch" and manifest["spec"]["tf32"] is True
+    assert build_engine(onnx_path, tmp_path / "engines", "random.fp16", opt_batch=64, max_batch=1024) == (plan, False)
+    plan.write_bytes(b"corrupt")
+    assert build_engine(onnx_path, tmp_path / "engines", "random.fp16", opt_batch=64, max_batch=1024)[1] is True
+    assert build_engine(onnx_path, tmp_path / "engines", "random.fp16", opt_batch=128, max_batch=1024)[1] is True
+
+
+def test_a_manifest_from_before_the_tf32_field_means_rebuild():
+    old = {k: v for k, v in asdict(SPEC).items() if k != "tf32"}
+    assert spec_mismatches({"spec": old}, SPEC) == ["tf32 is None, needed True"]
+    assert platform_mismatch({"spec": old}, H100) is None  # still readable
 
 
 def test_timing_cache_is_per_gpu_model_not_per_compute_capability(tmp_path):
@@ -126,44 +176,3 @@ def test_an_unreadable_timing_cache_is_replaced():
 def test_strongly_typed_is_asked_for_only_where_the_enum_has_it():
     assert network_flags(SimpleNamespace(NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=1))) == 2
     assert network_flags(SimpleNamespace(NetworkDefinitionCreationFlag=SimpleNamespace())) == 0
-
-
-@pytest.mark.parametrize("opt, max_batch", [(0, 10), (11, 10), (1, 0)])
-def test_bad_profiles(opt, max_batch):
-    with pytest.raises(UserError):
-        check_profile(opt, max_batch)
-
-
-def test_skip_reason_names_what_is_missing():
-    reason = engine_skip_reason()
-    try:
-        import tensorrt  # noqa: F401
-
-        has_trt = True
-    except ImportError:
-        has_trt = False
-    if not has_trt:
-        assert "TensorRT is not installed" in reason and "pip install" in reason
-    elif not torch.cuda.is_available():
-        assert "no CUDA GPU" in reason
-    else:
-        assert reason is None
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(engine_skip_reason() is not None, reason=f"needs TensorRT and a GPU: {engine_skip_reason()}")
-def test_engine_is_built_once_reused_and_rebuilt_when_corrupt(tmp_path, random_checkpoint):
-    from vae_rt.export import export_onnx, read_manifest
-    from vae_rt.files import sha256_file
-
-    onnx_path = export_onnx(random_checkpoint, tmp_path / "export", "fp16").path
-    plan, built = build_engine(onnx_path, tmp_path / "engines", "random.fp16", opt_batch=64, max_batch=1024)
-    assert built and plan.is_file()
-    manifest = read_manifest(plan)
-    assert manifest["sha256"] == sha256_file(plan) and manifest["spec"]["max_batch"] == 1024
-    assert manifest["spec"]["opt_batch"] == 64 and manifest["opt_batch_is"] == "--opt-batch"
-    assert manifest["spec"]["tf32"] is True
-    assert build_engine(onnx_path, tmp_path / "engines", "random.fp16", opt_batch=64, max_batch=1024) == (plan, False)
-    plan.write_bytes(b"corrupt")
-    assert build_engine(onnx_path, tmp_path / "engines", "random.fp16", opt_batch=64, max_batch=1024)[1] is True
-    assert build_engine(onnx_path, tmp_path / "engines", "random.fp16", opt_batch=128, max_batch=1024)[1] is True

@@ -4,9 +4,9 @@ import onnx
 import pytest
 import torch
 
-from vae_rt.backends.ort import OnnxModelError, inspect_onnx
+from vae_rt.artifacts import OnnxModelError, inspect_onnx, read_manifest
 from vae_rt.checkpoint import load_checkpoint
-from vae_rt.export import FP16_MAX, activation_peaks, export_onnx, read_manifest
+from vae_rt.export import FP16_MAX, activation_peaks, export_onnx
 from vae_rt.files import sha256_file
 from vae_rt.parity import parity_latents
 

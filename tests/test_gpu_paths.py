@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vae_rt.backends.pt import TorchBackend
-from vae_rt.engine import engine_skip_reason
+from vae_rt.capabilities import engine_skip_reason
 from vae_rt.parity import compare
 from vae_rt.sampler import draw_latents
 
@@ -72,10 +72,11 @@ def test_capture_survives_cuda_work_on_another_thread(random_checkpoint):
 
 @pytest.mark.skipif(engine_skip_reason() is not None, reason=f"needs TensorRT and a GPU: {engine_skip_reason()}")
 def test_an_fp32_onnx_gives_a_strict_fp32_engine(tmp_path, random_checkpoint):
+    from vae_rt.artifacts import read_manifest
     from vae_rt.backends.trt import TrtBackend
     from vae_rt.checkpoint import load_checkpoint
     from vae_rt.engine import build_engine
-    from vae_rt.export import export_onnx, read_manifest
+    from vae_rt.export import export_onnx
 
     onnx_path = export_onnx(random_checkpoint, tmp_path / "export", "fp32").path
     plan, _ = build_engine(onnx_path, tmp_path / "engines", "random.fp32", opt_batch=1000, max_batch=4096)

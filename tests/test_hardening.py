@@ -86,7 +86,7 @@ def test_training_killed_mid_epoch_resumes_losing_at_most_that_epoch(tmp_path, m
 
 def test_two_processes_exporting_the_same_cache_entry_end_with_one_valid_file(tmp_path, random_checkpoint):
     env = {"VAE_RT_CACHE_DIR": str(tmp_path / "cache")}
-    code = f"from vae_rt.sampler import cached_onnx; print(cached_onnx(__import__('pathlib').Path({str(random_checkpoint)!r}), 'fp32'))"
+    code = f"from vae_rt.resolve import cached_onnx; print(cached_onnx(__import__('pathlib').Path({str(random_checkpoint)!r}), 'fp32'))"
     procs = [subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **env}, stdout=subprocess.PIPE) for _ in range(2)]
     paths = {p.communicate(timeout=300)[0].decode().strip() for p in procs}
     assert all(p.returncode == 0 for p in procs) and len(paths) == 1

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from vae_rt import open_sampler
-from vae_rt.backends.ort import CUDA_EP, available_providers
+from vae_rt.capabilities import CUDA_EP, available_providers, engine_skip_reason
 from vae_rt.checkpoint import load_checkpoint
-from vae_rt.engine import engine_skip_reason
 from vae_rt.parity import compare, tail_latents
 from vae_rt.sampler import draw_latents
 

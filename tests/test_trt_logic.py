@@ -7,10 +7,10 @@ from types import ModuleType, SimpleNamespace
 import pytest
 import torch
 
-from vae_rt import sampler
+from vae_rt import resolve as sampler
 from vae_rt.backends.trt import EngineError, io_dtypes
+from vae_rt.capabilities import last_message, process_logger
 from vae_rt.engine import DEFAULT_MAX_BATCH
-from vae_rt.trt_logger import last_message, process_logger
 
 
 def _fake_trt():

@@ -126,15 +126,18 @@ def reference_decoder(checkpoint: Path) -> Callable[[torch.Tensor], torch.Tensor
     return decode
 
 
-def bench_targets(backends: list[str], precisions: list[str], device: str) -> list[tuple[str, str, str]]:
+def bench_targets(
+    backends: list[str], precisions: list[str], device: str, include_cuda: bool = False
+) -> list[tuple[str, str, str]]:
     """(backend, precision, device) triples worth timing here: every device the machine has, no pointless pairs.
 
     TensorRT runs only on CUDA and only fp16 (asked for on a machine without it, it is kept so that the
     report says why it was skipped). On the CPU, fp16 is timed on ONNX Runtime only (torch's CPU fp16
     GEMMs are slower than fp32 there) and bf16 on torch only (oneDNN uses AMX / AVX-512 BF16 where the
-    CPU has them; vae-rt exports no bf16 ONNX).
+    CPU has them; vae-rt exports no bf16 ONNX). `include_cuda` lists the CUDA rows even without a GPU.
     """
-    devices = ["cpu", "cuda"] if device == "auto" and torch.cuda.is_available() else ["cpu"] if device == "auto" else [device]
+    has_cuda = include_cuda or torch.cuda.is_available()
+    devices = ["cpu", "cuda"] if device == "auto" and has_cuda else ["cpu"] if device == "auto" else [device]
     targets = []
     for dev in devices:
         for backend in backends:
@@ -227,8 +230,8 @@ def run_benchmarks(
 def _end_to_end(decode: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, device: str) -> Callable[[], torch.Tensor]:
     """A call of `decode(z)` that leaves the images on the host: what a caller gets, GPU copies included.
 
-    On the CPU they are there already, and a no-op `.cpu()` would still cost every row 2-5 µs (measured
-    right after a decode, with cold caches): a share of a batch-1 call that no CPU user pays.
+    On the CPU they are there already, and a no-op `.cpu()` would still cost every row a few
+    microseconds that no CPU user pays.
     """
     if device == "cpu":
         return functools.partial(decode, z)
@@ -247,6 +250,16 @@ def _row(backend: str, precision: str, device: str, batch: int, runs_on: str, ti
 
 def _skipped(backend: str, precision: str, device: str, why: str) -> BenchRow:
     return BenchRow(backend, precision, device, 0, f"skipped: {why}", 0.0, 0.0, 0.0, 0.0, 0.0, 0, 0.0)
+
+
+def write_report(path: Path, rows: list[BenchRow], peak: float, machine: str) -> None:
+    """The run as JSON: the machine, the matmul peak measured in it, every row."""
+    import json
+
+    from vae_rt.files import write_atomic
+
+    report = {"machine": machine, "matmul_peak_gflops": peak, "rows": [r.as_dict() for r in rows]}
+    write_atomic(path, json.dumps(report, indent=2) + "\n")
 
 
 def plot_throughput(rows: list[BenchRow], path: Path) -> None:

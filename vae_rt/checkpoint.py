@@ -16,7 +16,6 @@ from vae_rt.files import atomic_path
 from vae_rt.model import VAE, VAEConfig
 
 BUNDLED_CHECKPOINT = Path(__file__).parent / "weights" / "vae_z2.pth"
-LAYERS = ("fc1", "fc2", "fc31", "fc32", "fc4", "fc5", "fc6")
 
 
 class CheckpointError(UserError):
@@ -75,6 +74,7 @@ def read_checkpoint(path: Path | None) -> dict[str, Any]:
     config = infer_config(path, state_dict)
     if isinstance(raw.get("config"), dict) and VAEConfig(**_known(raw["config"])) != config:
         raise CheckpointError(f"{path}: its config {raw['config']} does not match its weights {config.as_dict()}")
+    check_weights(path, config, state_dict)
     return {"config": config, "state_dict": state_dict, **extra}
 
 
@@ -91,35 +91,25 @@ def load_checkpoint(path: Path | None = None) -> tuple[VAE, dict[str, Any]]:
 
 
 def infer_config(path: Path, state_dict: Any) -> VAEConfig:
-    """Dimensions from the weight shapes; every layer must be present and fit the others."""
+    """Dimensions from the shapes of fc1 (x, h1), fc2 (h2) and fc31 (z); loading the weights checks the rest."""
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(f"{path}: state_dict is not a mapping of names to tensors")
-    expected = {f"{layer}.{p}" for layer in LAYERS for p in ("weight", "bias")}
-    missing, unexpected = sorted(expected - state_dict.keys()), sorted(state_dict.keys() - expected)
-    if missing or unexpected:
-        parts = [f"missing {', '.join(missing)}" if missing else "", f"unexpected {', '.join(unexpected)}" if unexpected else ""]
-        raise CheckpointError(f"{path}: not a VAE checkpoint: " + "; ".join(p for p in parts if p))
-    h1, x = state_dict["fc1.weight"].shape if state_dict["fc1.weight"].dim() == 2 else (0, 0)
-    h2 = state_dict["fc2.weight"].shape[0] if state_dict["fc2.weight"].dim() == 2 else 0
-    z = state_dict["fc31.weight"].shape[0] if state_dict["fc31.weight"].dim() == 2 else 0
-    config = VAEConfig(x_dim=x, h1_dim=h1, h2_dim=h2, z_dim=z)
-    for name, shape in _expected_shapes(config).items():
-        if tuple(state_dict[name].shape) != shape:
-            raise CheckpointError(
-                f"{path}: {name} has shape {tuple(state_dict[name].shape)}, expected {shape} for {config.as_dict()}"
-            )
-    return config
+    try:
+        (h1, x), (h2, _), (z, _) = (state_dict[f"{name}.weight"].shape for name in ("fc1", "fc2", "fc31"))
+    except KeyError as err:
+        raise CheckpointError(f"{path}: not a VAE checkpoint: no {err.args[0]}") from err
+    except ValueError as err:
+        raise CheckpointError(f"{path}: not a VAE checkpoint: its fc1, fc2 and fc31 weights are not matrices") from err
+    return VAEConfig(x_dim=x, h1_dim=h1, h2_dim=h2, z_dim=z)
 
 
-def _expected_shapes(c: VAEConfig) -> dict[str, tuple[int, ...]]:
-    dims = {"fc1": (c.h1_dim, c.x_dim), "fc2": (c.h2_dim, c.h1_dim), "fc31": (c.z_dim, c.h2_dim),
-            "fc32": (c.z_dim, c.h2_dim), "fc4": (c.h2_dim, c.z_dim), "fc5": (c.h1_dim, c.h2_dim),
-            "fc6": (c.x_dim, c.h1_dim)}
-    shapes = {}
-    for layer, (out_dim, in_dim) in dims.items():
-        shapes[f"{layer}.weight"] = (out_dim, in_dim)
-        shapes[f"{layer}.bias"] = (out_dim,)
-    return shapes
+def check_weights(path: Path, config: VAEConfig, state_dict: dict[str, torch.Tensor]) -> None:
+    """Every key of the VAE, no other, each of the right shape: torch's strict load, said in one line."""
+    try:
+        VAE(config).load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:
+        problems = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        raise CheckpointError(f"{path}: not a checkpoint of this VAE: {' '.join(problems) or err}") from err
 
 
 def _known(config: dict[str, Any]) -> dict[str, Any]:

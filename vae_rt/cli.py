@@ -1,26 +1,56 @@
 """The `vae-rt` command line: each command parses its options and hands over to a library function.
 
 Exit codes: 0 success, 2 bad usage or bad input (one line, no traceback), 1 runtime failure.
+Choices and ranges are declared on the options; the lists come from the library, never repeated here.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperGroup
 
+from vae_rt import __version__
+from vae_rt.backends import BACKEND_CHOICES, DEVICES, PRECISIONS
+from vae_rt.engine import DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH
 from vae_rt.errors import RuntimeFailure, UserError
+from vae_rt.export import EXPORT_PRECISIONS
+from vae_rt.output import OUTPUT_DTYPES
+from vae_rt.sampler import MAX_BATCH
+from vae_rt.train import LR_DECAYS
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, export and serve the MNIST VAE decoder.")
+
+class OneLineUsageErrors(TyperGroup):
+    """Typer's usage errors (a bad choice, a number out of range, an unknown option) as one line and exit 2."""
+
+    def main(self, args: Sequence[str] | None = None, *pos: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        try:
+            code = super().main(args, *pos, standalone_mode=False, **kwargs)
+        except typer.TyperException as error:  # the base of typer's UsageError and BadParameter
+            # typer words a failed choice "Value error, 'x' is not one of ...": the first two words say nothing
+            err.print(Text("error: ", style="red") + Text(error.format_message().replace("Value error, ", "")))
+            code = error.exit_code
+        except typer.Abort:
+            code = 1
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(
+    cls=OneLineUsageErrors, add_completion=False, no_args_is_help=True, help="Train, export and serve the MNIST VAE decoder."
+)
 # markup off: messages carry user text and pip extras like "vae-rt[gpu]", which rich would read as tags
 out = Console(soft_wrap=True, markup=False, highlight=False)
 err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
@@ -30,9 +60,23 @@ WIDE = 140  # tables are printed this wide even into a pipe, where rich would as
 ModelOption = Annotated[
     Path | None, typer.Option("--model", help="Checkpoint (.pth), ONNX file or TensorRT plan; default: the bundled model.")
 ]
-BackendOption = Annotated[str, typer.Option(help="auto, torch, ort or trt.")]
-PrecisionOption = Annotated[str | None, typer.Option(help="fp32, fp16 or bf16; default: the fastest safe one for the device.")]
-DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+# Literal[<tuple>] is Literal[<each value>]: typer offers exactly the library's choices, as plain strings.
+BackendOption = Annotated[Literal[BACKEND_CHOICES], typer.Option(help="Which engine decodes.")]  # type: ignore[valid-type]
+PrecisionOption = Annotated[
+    Literal[PRECISIONS] | None,  # type: ignore[valid-type]
+    typer.Option(help="Default: the fastest safe one for the device."),
+]
+def check_device(device: str) -> str:
+    """One rule for every command: `--device cuda` on a machine without a GPU is refused before any work."""
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise typer.BadParameter("torch sees no CUDA GPU on this machine (use --device cpu or auto)")
+    return device
+
+
+DeviceOption = Annotated[Literal[DEVICES], typer.Option(callback=check_device, help="Where it runs.")]  # type: ignore[valid-type]
 DataDirOption = Annotated[
     Path | None, typer.Option(help="Folder with the four MNIST .gz files (else $VAE_RT_MNIST_DIR, else download).")
 ]
@@ -76,27 +120,45 @@ def progress_bar() -> Progress:
     )
 
 
+def show_version(value: bool) -> None:
+    if value:
+        out.print(f"vae-rt {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main_options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what the library does.")] = False) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+def main_options(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what the library does.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=show_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
+                        force=True)
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):  # the exporter's internals, not about the model
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    notices = logging.getLogger("vae_rt.notice")  # slow one-time work (an export, an engine build): always said
+    handler = logging.StreamHandler()  # made per run: it binds the stderr of the moment
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    notices.handlers = [handler]
+    notices.setLevel(logging.INFO)
+    notices.propagate = False
 
 
 @app.command()
 @handle_errors
 def train(
-    epochs: Annotated[int | None, typer.Option(help="Epochs in all (default 10, or the resumed run's).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per optimizer step.")] = 128,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs in all (default 10, or the resumed run's).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per optimizer step.")] = 128,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
-    lr_decay: Annotated[str, typer.Option(help="none, or cosine (to 0 over the run).")] = "none",
-    z_dim: Annotated[int, typer.Option(help="Latent dimensions.")] = 2,
+    lr_decay: Annotated[Literal[LR_DECAYS], typer.Option(help="To 0 over the run, or constant.")] = "none",  # type: ignore[valid-type]
+    z_dim: Annotated[int, typer.Option(min=1, help="Latent dimensions.")] = 2,
     data_dir: DataDirOption = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints, grids, metrics.jsonl, model.pth.")] = Path("runs/vae"),
     seed: Annotated[int, typer.Option(help="Seed of initialisation, shuffles and noise.")] = 0,
     device: DeviceOption = "auto",
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in --out.")] = False,
-    keep: Annotated[int, typer.Option(help="Epoch checkpoints kept on disk.")] = 3,
+    keep: Annotated[int, typer.Option(min=1, help="Epoch checkpoints kept on disk.")] = 3,
     ema: Annotated[float, typer.Option(help="Score and save a moving average of the weights with this decay (0: off).")] = 0.0,
     weight_decay: Annotated[float, typer.Option(help="Decoupled weight decay (AdamW); 0 is the tutorial's Adam.")] = 0.0,
 ) -> None:
@@ -130,8 +192,8 @@ def train(
 def evaluate(
     checkpoint: Annotated[Path | None, typer.Argument(help="Checkpoint; default: the bundled model.")] = None,
     data_dir: DataDirOption = None,
-    iw_samples: Annotated[int, typer.Option(help="Also estimate -log p(x) with K importance samples (0: skip).")] = 0,
-    limit: Annotated[int | None, typer.Option(help="Score only the first N test images.")] = None,
+    iw_samples: Annotated[int, typer.Option(min=0, help="Also estimate -log p(x) with K importance samples (0: skip).")] = 0,
+    limit: Annotated[int | None, typer.Option(min=1, help="Score only the first N test images.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the sampling noise.")] = 0,
 ) -> None:
     """Test loss per image (negative ELBO) and, with --iw-samples, the importance-weighted NLL."""
@@ -139,13 +201,14 @@ def evaluate(
     from vae_rt.data import load_mnist
     from vae_rt.evaluate import iw_nll, test_loss, to_pixels
 
-    if iw_samples < 0 or (limit is not None and limit < 1):
-        raise UserError("--iw-samples must be >= 0 and --limit >= 1")
     model, _ = load_checkpoint(checkpoint)
     pixels = to_pixels(load_mnist(data_dir)[1])[:limit]
     out.print(f"test loss per image: {test_loss(model, pixels, seed=seed):.2f}  ({len(pixels)} images)")
     if iw_samples:
-        out.print(f"-log p(x), {iw_samples} importance samples: {iw_nll(model, pixels, iw_samples, seed=seed):.2f}")
+        with progress_bar() as bar:
+            task = bar.add_task("importance samples", total=len(pixels))
+            nll = iw_nll(model, pixels, iw_samples, seed=seed, on_batch=lambda k: bar.advance(task, k))
+        out.print(f"-log p(x), {iw_samples} importance samples: {nll:.2f}")
 
 
 @app.command()
@@ -154,10 +217,10 @@ def export(
     checkpoint: Annotated[Path | None, typer.Argument(help="vae-rt checkpoint or the tutorial's state_dict; default: bundled.")] = None,
     out_dir: Annotated[Path, typer.Option(help="Folder for the ONNX files and their manifests.")] = Path("export"),
     engine_dir: Annotated[Path, typer.Option(help="Folder for TensorRT plans, manifests and the timing cache.")] = Path("engines"),
-    precision: Annotated[str, typer.Option(help="Comma-separated: fp32, fp16.")] = "fp32,fp16",
-    max_batch: Annotated[int, typer.Option(help="Largest batch of the TensorRT profile (and Triton's max_batch_size).")] = 65536,
+    precision: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(EXPORT_PRECISIONS)}.")] = ",".join(EXPORT_PRECISIONS),
+    max_batch: Annotated[int, typer.Option(min=1, help="Largest batch of the TensorRT profile (and Triton's max_batch_size).")] = DEFAULT_MAX_BATCH,
     opt_batch: Annotated[
-        int | None, typer.Option(help="Batch size TensorRT tunes for (default: the sampler's CUDA batch, 65536, or --max-batch if smaller).")
+        int | None, typer.Option(min=1, help=f"Batch size TensorRT tunes for (default: the sampler's CUDA batch, {DEFAULT_OPT_BATCH}, or --max-batch if smaller).")
     ] = None,
     engine: Annotated[
         bool | None, typer.Option("--engine/--no-engine", help="Require / skip the TensorRT engine (default: build when possible).")
@@ -166,41 +229,25 @@ def export(
     name: Annotated[str | None, typer.Option(help="Base name of the files (default: the checkpoint's name).")] = None,
 ) -> None:
     """Export the decoder to ONNX (fp32, fp16), check it on ONNX Runtime, and build a TensorRT engine."""
-    from vae_rt.engine import DEFAULT_OPT_BATCH, build_engine, check_profile, engine_skip_reason
-    from vae_rt.export import FP16_MAX, export_onnx
+    from vae_rt.build import export_artifacts
+    from vae_rt.export import FP16_MAX
 
-    precisions = _split_choices("--precision", precision, ("fp32", "fp16"))
-    opt_batch = opt_batch if opt_batch is not None else min(DEFAULT_OPT_BATCH, max_batch)
-    check_profile(opt_batch, max_batch)
-    skip_reason = engine_skip_reason() if engine is not False else None
-    if engine and skip_reason:
-        raise UserError(f"--engine: cannot build a TensorRT engine here: {skip_reason}")
-    exported = {}
-    for p in precisions:
-        result = export_onnx(checkpoint, out_dir, p, name)
-        exported[p] = result.path
+    precisions = _split_choices("--precision", precision, EXPORT_PRECISIONS)
+    if opt_batch is not None and opt_batch > max_batch:
+        raise UserError(f"--opt-batch must be at most --max-batch ({max_batch}), got {opt_batch}")
+    report = export_artifacts(checkpoint, out_dir, precisions, name, engine_dir, engine, opt_batch, max_batch, triton)
+    for p, result in report.onnx.items():
         out.print(f"wrote {result.path}  ({result.parity.summary()})")
         if p == "fp16":
             peak = max(result.activation_peak.values())
             verdict = "within fp16 range" if peak <= FP16_MAX else f"BEYOND fp16 range ({FP16_MAX:g}): expect Inf/NaN"
             out.print(f"  largest activation on the test latents: {peak:.4g}, {verdict}")
-    plan = None
-    if engine is False:
-        pass
-    elif skip_reason:
-        out.print(f"engine skipped: {skip_reason}")
-    elif "fp16" not in exported:
-        out.print("engine skipped: it is built from the fp16 ONNX; add fp16 to --precision")
-    else:
-        fp16_path = exported["fp16"]
-        plan, built = build_engine(fp16_path, engine_dir, fp16_path.name.removesuffix(".onnx"), opt_batch, max_batch)
-        out.print(f"{'built' if built else 'reused'} {plan}")
-    if triton is not None:
-        from vae_rt.triton import write_model_repository
-
-        onnx_path = exported.get("fp32") or next(iter(exported.values()))
-        model_dir = write_model_repository(triton, onnx_path, plan, max_batch)
-        out.print(f"wrote Triton model repository {model_dir}")
+    if report.engine_skipped:
+        out.print(f"engine skipped: {report.engine_skipped}")
+    elif report.engine is not None:
+        out.print(f"{'built' if report.engine_built else 'reused'} {report.engine}")
+    if report.triton is not None:
+        out.print(f"wrote Triton model repository {report.triton}")
 
 
 @app.command()
@@ -210,22 +257,20 @@ def sample(
     backend: BackendOption = "auto",
     precision: PrecisionOption = None,
     device: DeviceOption = "auto",
-    n: Annotated[int, typer.Option("-n", "--count", help="Number of images.")] = 1024,
+    n: Annotated[int, typer.Option("-n", "--count", min=1, help="Number of images.")] = 1024,
     seed: Annotated[int, typer.Option(help="Seed of the latents: the same z on every backend.")] = 0,
-    batch_size: Annotated[int | None, typer.Option(help="Images per decode call (default: per device).")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, max=MAX_BATCH, help="Images per decode call (default: per device).")] = None,
     out_path: Annotated[Path, typer.Option("--out", help=".png grid or .npy array of shape (n, 1, 28, 28).")] = Path("samples.png"),
-    dtype: Annotated[str, typer.Option(help="Array type of a .npy: float32 (in [0, 1]) or uint8 (0..255).")] = "float32",
+    dtype: Annotated[Literal[OUTPUT_DTYPES], typer.Option(help="Array type of a .npy: float32 in [0, 1], or uint8 0..255.")] = "float32",  # type: ignore[valid-type]
 ) -> None:
     """Decode n seeded latents into images: a PNG grid, or a .npy streamed to disk."""
     from vae_rt.output import RING_SIZE, check_output, stream_npy, write_png
-    from vae_rt.sampler import check_count, open_sampler
+    from vae_rt.sampler import open_sampler
 
-    check_count(n)
+    started = time.perf_counter()
     kind = check_output(out_path, n, dtype)
     with open_sampler(model, backend, precision, device, batch_size) as sampler:
-        if sampler.chosen_because:
-            err.print(f"backend auto: {sampler.chosen_because}")
-        started = time.perf_counter()
+        decode_started = time.perf_counter()
         if kind == "png":
             write_png(sampler.sample(n, seed), out_path)
         else:
@@ -233,9 +278,10 @@ def sample(
                 task = bar.add_task("sampling", total=n)
                 batches = sampler.iter_samples(n, seed, reuse=RING_SIZE)
                 stream_npy(batches, n, out_path, dtype, lambda k: bar.advance(task, k))
-        seconds = time.perf_counter() - started
+        decoding = time.perf_counter() - decode_started
         out.print(
-            f"wrote {n} images to {out_path} in {seconds:.2f}s ({n / seconds:,.0f} samples/s) with {sampler.describe()}"
+            f"wrote {n} images to {out_path} in {time.perf_counter() - started:.2f}s "
+            f"(decode and write {decoding:.2f}s: {n / decoding:,.0f} samples/s) with {sampler.describe()}"
         )
 
 
@@ -246,15 +292,13 @@ def manifold(
     backend: BackendOption = "auto",
     precision: PrecisionOption = None,
     device: DeviceOption = "auto",
-    grid: Annotated[int, typer.Option(help="Images per side.")] = 20,
+    grid: Annotated[int, typer.Option(min=2, max=100, help="Images per side.")] = 20,
     out_path: Annotated[Path, typer.Option("--out", help="PNG file.")] = Path("manifold.png"),
 ) -> None:
     """The learned 2-D manifold: decoded images over the latent plane, at the normal's quantiles."""
     from vae_rt.output import check_output, write_png
     from vae_rt.sampler import manifold_latents, open_sampler
 
-    if not 2 <= grid <= 100:
-        raise UserError(f"--grid must be between 2 and 100, got {grid}")
     check_output(out_path, grid * grid, "float32")
     if out_path.suffix.lower() != ".png":
         raise UserError(f"--out {out_path}: the manifold is a picture; use .png")
@@ -270,14 +314,12 @@ def compare(
     backends: Annotated[str, typer.Option(help="Comma-separated backends to check.")] = "torch,ort,trt",
     precisions: Annotated[str, typer.Option(help="Comma-separated precisions to check.")] = "fp32,fp16",
     device: DeviceOption = "auto",
-    n: Annotated[int, typer.Option("-n", "--count", help="Normal latents (tail points are added).")] = 1000,
+    n: Annotated[int, typer.Option("-n", "--count", min=1, help="Normal latents (tail points are added).")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the latents.")] = 0,
 ) -> None:
     """Parity report: every backend/precision against the torch fp32 reference on the same latents."""
     from vae_rt.compare import run_comparisons
-    from vae_rt.sampler import check_count
 
-    check_count(n)
     rows = run_comparisons(model, *_backends_and_precisions(backends, precisions), device, n, seed)
     table = Table("backend", "precision", "runs on", "max abs", "mean abs", "median abs", "worst", "NaN/Inf", "result")
     failed = False
@@ -303,8 +345,8 @@ def compare(
 @handle_errors
 def bench(
     model: ModelOption = None,
-    backends: Annotated[str, typer.Option(help="Comma-separated: auto, torch, ort, trt.")] = "auto,torch,ort,trt",
-    precisions: Annotated[str, typer.Option(help="Comma-separated: fp32, fp16, bf16.")] = "fp32,fp16,bf16",
+    backends: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(BACKEND_CHOICES)}.")] = ",".join(BACKEND_CHOICES),
+    precisions: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(PRECISIONS)}.")] = ",".join(PRECISIONS),
     device: DeviceOption = "auto",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,64,1024,8192",
     duration: Annotated[float, typer.Option(help="Seconds timed per row, spread over 5 interleaved rounds (after warm-up).")] = 1.0,
@@ -312,10 +354,8 @@ def bench(
     plot: Annotated[Path | None, typer.Option(help="Write a samples/s-vs-batch plot (PNG).")] = None,
 ) -> None:
     """Latency and throughput of every backend/precision available here, in one run (trtexec-style)."""
-    import json
-
-    from vae_rt.bench import bench_targets, describe_machine, plot_throughput, run_benchmarks
-    from vae_rt.files import check_file_target, write_atomic
+    from vae_rt.bench import bench_targets, describe_machine, plot_throughput, run_benchmarks, write_report
+    from vae_rt.files import check_file_target
 
     try:
         sizes = [int(b) for b in _split(batch_sizes)]
@@ -349,8 +389,7 @@ def bench(
     if any(r.notes for r in rows):
         out.print("! = noisy (CV above 10%): close other programs or raise --duration")
     if json_path is not None:
-        report = {"machine": machine, "matmul_peak_gflops": peak, "rows": [r.as_dict() for r in rows]}
-        write_atomic(json_path, json.dumps(report, indent=2) + "\n")
+        write_report(json_path, rows, peak, machine)
         out.print(f"wrote {json_path}")
     if plot is not None:
         plot_throughput(rows, plot)
@@ -381,9 +420,6 @@ def _split_choices(option: str, values: str, choices: tuple[str, ...]) -> list[s
 
 def _backends_and_precisions(backends: str, precisions: str) -> tuple[list[str], list[str]]:
     """The --backends and --precisions lists of compare and bench, each entry checked."""
-    from vae_rt.backends import PRECISIONS
-    from vae_rt.sampler import BACKEND_CHOICES
-
     return _split_choices("--backends", backends, BACKEND_CHOICES), _split_choices("--precisions", precisions, PRECISIONS)
 
 
@@ -393,4 +429,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

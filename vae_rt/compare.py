@@ -10,7 +10,8 @@ import torch
 from vae_rt.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
 from vae_rt.errors import UserError
 from vae_rt.parity import ParityReport, compare, tail_latents
-from vae_rt.sampler import artifact_kind, draw_latents, open_sampler
+from vae_rt.resolve import artifact_kind
+from vae_rt.sampler import draw_latents, open_sampler
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,7 @@ import platform
 import torch
 
 from vae_rt import __version__
-from vae_rt.backends.ort import available_providers
-from vae_rt.engine import engine_skip_reason
+from vae_rt.capabilities import available_providers, engine_skip_reason
 
 
 def diagnose() -> list[tuple[str, str]]:

@@ -10,129 +10,39 @@ The TensorRT calls are kept thin; the decisions around them are plain functions 
 from __future__ import annotations
 
 import logging
-import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from vae_rt import __version__
+from vae_rt.artifacts import (
+    EngineSpec,
+    engine_path_for,
+    inspect_onnx,
+    read_manifest,
+    spec_mismatches,
+    timing_cache_path,
+    write_manifest,
+)
+from vae_rt.capabilities import current_platform, last_message, process_logger
 from vae_rt.errors import RuntimeFailure, UserError, require
-from vae_rt.export import read_manifest, write_manifest
 from vae_rt.files import make_dir, sha256_file, write_atomic
 from vae_rt.model import INPUT_NAME
-from vae_rt.trt_logger import last_message, process_logger
 
 log = logging.getLogger(__name__)
 
 WORKSPACE_BYTES = 1 << 30
-OPTIMIZATION_LEVEL = 3  # TensorRT's default: level 5 searches longer for this tiny net and gains nothing measurable
+OPTIMIZATION_LEVEL = 3  # TensorRT's default; higher levels search longer for a three-layer net
 DEFAULT_MAX_BATCH = 65536
 DEFAULT_OPT_BATCH = 65536  # the sampler's CUDA batch size: TensorRT picks its kernels for the opt batch
 
 
-@dataclass(frozen=True)
-class Platform:
-    """What a plan is tied to: the TensorRT build and the GPU."""
-
-    tensorrt: str
-    gpu: str
-    compute_capability: str  # "9.0"
-    cuda: str
-
-    def describe(self) -> str:
-        return f"TensorRT {self.tensorrt} on {self.gpu} (sm {self.compute_capability}, CUDA {self.cuda})"
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """The cache key: any change of a field means another plan."""
-
-    onnx_sha256: str
-    precision: str
-    z_dim: int
-    min_batch: int
-    opt_batch: int
-    max_batch: int
-    optimization_level: int
-    tensorrt: str
-    gpu: str
-    compute_capability: str
-    cuda: str
-    tf32: bool = False  # TensorRT may run fp32 math in TF32; last, with a default, so older manifests still load
-
-    @property
-    def platform(self) -> Platform:
-        return Platform(self.tensorrt, self.gpu, self.compute_capability, self.cuda)
-
-
 def check_profile(opt_batch: int, max_batch: int) -> None:
     if max_batch < 1:
-        raise UserError(f"--max-batch must be at least 1, got {max_batch}")
+        raise UserError(f"max_batch must be at least 1, got {max_batch}")
     if not 1 <= opt_batch <= max_batch:
-        raise UserError(f"--opt-batch must be between 1 and --max-batch ({max_batch}), got {opt_batch}")
-
-
-def platform_tag(platform: Platform) -> str:
-    """`<gpu>-sm<cc>.trt<version>`, e.g. `nvidia-h100-80gb-hbm3-sm90.trt11.4.0`: what a plan or timing cache fits."""
-    gpu = re.sub(r"[^a-z0-9]+", "-", platform.gpu.lower()).strip("-")
-    cc = platform.compute_capability.replace(".", "")
-    return f"{gpu}-sm{cc}.trt{platform.tensorrt}"
-
-
-def engine_path_for(engine_dir: Path, name: str, platform: Platform) -> Path:
-    """`engines/<name>.<platform tag>.plan`: one file per model, GPU and TensorRT version."""
-    return Path(engine_dir) / f"{name}.{platform_tag(platform)}.plan"
-
-
-def timing_cache_path(engine_dir: Path, platform: Platform) -> Path:
-    """Per GPU model, not per compute capability: an H100's timings would steer an H200 build (same sm 9.0)."""
-    return Path(engine_dir) / f"timing-cache.{platform_tag(platform)}.bin"
-
-
-def spec_mismatches(manifest: dict[str, Any] | None, spec: EngineSpec) -> list[str]:
-    """Why a cached plan cannot serve `spec`, one phrase per differing field ([] when it can)."""
-    if manifest is None:
-        return ["it has no readable manifest"]
-    recorded = manifest.get("spec", {})
-    return [
-        f"{f.name} is {recorded.get(f.name)!r}, needed {getattr(spec, f.name)!r}"
-        for f in fields(EngineSpec)
-        if recorded.get(f.name) != getattr(spec, f.name)
-    ]
-
-
-def platform_mismatch(manifest: dict[str, Any] | None, here: Platform) -> str | None:
-    """A one-line reason why a plan built per `manifest` cannot run here, or None when it can."""
-    if manifest is None or "spec" not in manifest:
-        return None  # no manifest: only deserializing can tell
-    built = EngineSpec(**manifest["spec"]).platform
-    if (built.tensorrt, built.gpu, built.compute_capability) != (here.tensorrt, here.gpu, here.compute_capability):
-        return f"built for {built.describe()}; this is {here.describe()}: rebuild it with `vae-rt export`"
-    return None
-
-
-def engine_skip_reason() -> str | None:
-    """Why no engine can be built on this machine (what to install), or None when it can."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return "TensorRT is not installed (pip install 'vae-rt[gpu]' on a machine with an NVIDIA GPU)"
-    import torch
-
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is visible to torch"
-    return None
-
-
-def current_platform() -> Platform:
-    trt = require("tensorrt", extra="gpu")
-    import torch
-
-    if not torch.cuda.is_available():
-        raise UserError("TensorRT needs a CUDA GPU, and torch sees none on this machine")
-    major, minor = torch.cuda.get_device_capability()
-    return Platform(trt.__version__, torch.cuda.get_device_name(), f"{major}.{minor}", str(torch.version.cuda))
+        raise UserError(f"opt_batch must be between 1 and max_batch ({max_batch}), got {opt_batch}")
 
 
 def build_engine(
@@ -141,7 +51,7 @@ def build_engine(
     name: str,
     opt_batch: int = DEFAULT_OPT_BATCH,
     max_batch: int = DEFAULT_MAX_BATCH,
-    opt_batch_is: str = "--opt-batch",
+    opt_batch_is: str = "opt_batch",
 ) -> tuple[Path, bool]:
     """Build (or reuse) the engine of an ONNX decoder for this GPU: fp16 from an fp16 ONNX, strict fp32 from an fp32 one.
 
@@ -152,8 +62,6 @@ def build_engine(
     Raises:
         MissingDependencyError / UserError: no TensorRT or no GPU. RuntimeFailure: the build failed.
     """
-    from vae_rt.backends.ort import inspect_onnx
-
     check_profile(opt_batch, max_batch)
     z_dim, _, precision = inspect_onnx(onnx_path)
     platform = current_platform()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from vae_rt.model import VAE, elbo_loss, importance_weighted_nll
@@ -25,10 +27,19 @@ def test_loss(model: VAE, pixels: torch.Tensor, batch_size: int = 1000, seed: in
 
 
 @torch.no_grad()
-def iw_nll(model: VAE, pixels: torch.Tensor, k: int, batch_size: int = 100, seed: int = 0) -> float:
-    """Mean importance-weighted estimate of -log p(x) with k samples per image (nats)."""
+def iw_nll(
+    model: VAE, pixels: torch.Tensor, k: int, batch_size: int = 100, seed: int = 0,
+    on_batch: Callable[[int], None] | None = None,
+) -> float:
+    """Mean importance-weighted estimate of -log p(x) with k samples per image (nats).
+
+    `on_batch(images)` is called after each batch of images is scored (a progress bar).
+    """
     torch.manual_seed(seed)
     total = 0.0
     for start in range(0, len(pixels), batch_size):
-        total += importance_weighted_nll(model, pixels[start : start + batch_size], k).sum().item()
+        batch = pixels[start : start + batch_size]
+        total += importance_weighted_nll(model, batch, k).sum().item()
+        if on_batch:
+            on_batch(len(batch))
     return total / len(pixels)

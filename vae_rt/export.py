@@ -9,22 +9,21 @@ Run it with `vae-rt export CKPT`.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import onnx
 import torch
 from torch import nn
 
 from vae_rt import __version__
+from vae_rt.artifacts import onnx_path_for, write_manifest
 from vae_rt.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
-from vae_rt.errors import RuntimeFailure, UserError
-from vae_rt.files import atomic_path, make_dir, sha256_file, write_atomic
+from vae_rt.errors import RuntimeFailure, UserError, require
+from vae_rt.files import atomic_path, make_dir, sha256_file
 from vae_rt.model import INPUT_NAME, OUTPUT_NAME, VAE, Decoder
 from vae_rt.parity import ParityReport, compare, parity_latents
 
@@ -32,6 +31,7 @@ log = logging.getLogger(__name__)
 
 OPSET = 18  # torchlib's base opset: no version conversion, stable across torch releases
 FP16_MAX = 65504.0
+EXPORT_PRECISIONS = ("fp32", "fp16")
 VALIDATION_BATCHES = (1, 7, None)  # None: every latent, tails included
 
 
@@ -55,40 +55,18 @@ class ExportedModel:
     activation_peak: dict[str, float]
 
 
-def onnx_path_for(out_dir: Path, name: str, precision: str) -> Path:
-    return Path(out_dir) / f"{name}.{precision}.onnx"
-
-
-def manifest_path_for(artifact: Path) -> Path:
-    return artifact.with_name(artifact.name + ".json")
-
-
-def read_manifest(artifact: Path) -> dict[str, Any] | None:
-    """The manifest beside `artifact`, or None when it is missing or unreadable."""
-    try:
-        return json.loads(manifest_path_for(artifact).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_manifest(artifact: Path, manifest: dict[str, Any]) -> Path:
-    path = manifest_path_for(artifact)
-    write_atomic(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    return path
-
-
 def export_onnx(checkpoint: Path | None, out_dir: Path, precision: str = "fp32", name: str | None = None) -> ExportedModel:
     """Export the decoder of `checkpoint` (the bundled model when None) to `out_dir/<name>.<precision>.onnx`.
 
     Raises:
         UserError: unreadable checkpoint, unknown precision, unwritable folder.
-        RuntimeFailure: the exported model disagrees with torch beyond DESIGN.md's tolerance.
+        RuntimeFailure: the exported model disagrees with torch beyond the parity tolerance (docs/backends.md).
     """
-    if precision not in ("fp32", "fp16"):
-        raise UserError(f"--precision must be fp32 and/or fp16, got {precision!r}")
+    if precision not in EXPORT_PRECISIONS:
+        raise UserError(f"precision must be one of {', '.join(EXPORT_PRECISIONS)}, got {precision!r}")
     source = Path(checkpoint) if checkpoint is not None else BUNDLED_CHECKPOINT
     model, _ = load_checkpoint(source)
-    out_dir = make_dir(out_dir, "--out-dir")
+    out_dir = make_dir(out_dir, "out_dir")
     path = onnx_path_for(out_dir, name or source.stem, precision)
     decoder = model.decoder() if precision == "fp32" else HalfDecoder(model.decoder())
     with atomic_path(path) as tmp:
@@ -153,25 +131,26 @@ def validate_with_ort(path: Path, model: VAE, precision: str) -> ParityReport:
     Batches of 1, 7 and all ~1000 latents each run on their own (the dynamic batch axis is part of
     the contract); the report covers all of their outputs together.
     """
-    from vae_rt.backends.ort import OrtBackend
-
+    ort = require("onnxruntime", extra="cpu")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     latents = parity_latents(model.config.z_dim)  # 1000 normal draws, then the tail points
     reference, candidate = [], []
-    with OrtBackend(path, device="cpu") as backend, torch.no_grad():
+    with torch.no_grad():
         for batch in VALIDATION_BATCHES:
             z = latents[:batch]
             reference.append(model.decode(z))
-            candidate.append(backend.decode(z).flatten(1))
+            (images,) = session.run([OUTPUT_NAME], {INPUT_NAME: z.numpy()})
+            candidate.append(torch.from_numpy(images))
     return compare(torch.cat(reference), torch.cat(candidate), precision)
 
 
 @torch.no_grad()
 def activation_peaks(model: VAE, z: torch.Tensor) -> dict[str, float]:
     """Largest |pre-activation| of each decoder layer in fp32: above 65504 an fp16 engine overflows."""
-    h4 = model.fc4(z)
-    h5 = model.fc5(torch.relu(h4))
-    logits = model.fc6(torch.relu(h5))
-    return {name: float(t.abs().max()) for name, t in (("fc4", h4), ("fc5", h5), ("fc6_logits", logits))}
+    decoder = model.decoder()
+    names = [name for name, _ in decoder.named_children()]
+    names[-1] += "_logits"  # the manifest's key for the sigmoid's input
+    return {name: float(t.abs().max()) for name, t in zip(names, decoder.pre_activations(z), strict=True)}
 
 
 def _versions() -> dict[str, str]:

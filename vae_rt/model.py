@@ -36,18 +36,35 @@ class VAEConfig:
 
 
 class Decoder(nn.Module):
-    """z [B, z_dim] float -> pixel probabilities [B, x_dim]; shares its layers with the VAE it came from."""
+    """z [B, z_dim] float -> pixel probabilities [B, x_dim]: the one definition of the decoder's computation.
+
+    Linear layers with ReLU between them and a sigmoid after the last; it shares its layers with the
+    VAE it came from. Backends, the exporter and the fp16 range check all go through this module.
+    """
 
     def __init__(self, fc4: nn.Linear, fc5: nn.Linear, fc6: nn.Linear):
         super().__init__()
         self.fc4, self.fc5, self.fc6 = fc4, fc5, fc6
+
+    @property
+    def layers(self) -> tuple[nn.Linear, ...]:
+        return (self.fc4, self.fc5, self.fc6)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logits(z))
 
     def logits(self, z: torch.Tensor) -> torch.Tensor:
         """The pre-sigmoid output: what a BCE computed from logits needs (exact where the sigmoid saturates)."""
-        return self.fc6(F.relu(self.fc5(F.relu(self.fc4(z)))))
+        return self.pre_activations(z)[-1]
+
+    def pre_activations(self, z: torch.Tensor) -> list[torch.Tensor]:
+        """Each layer's output before its activation, first to last (the last one is the logits)."""
+        outputs: list[torch.Tensor] = []
+        h = z
+        for layer in self.layers:
+            h = layer(F.relu(h) if outputs else h)
+            outputs.append(h)
+        return outputs
 
 
 class VAE(nn.Module):

@@ -3,27 +3,23 @@
 The `.npy` writer puts the header first and then appends each batch from a writer thread, so
 decoding never waits on the disk and resident memory stays at a few batches whatever n is
 (a memory map of the whole file would not bound it: its dirty pages count as resident). Where the
-file system allows it, the file is written with O_DIRECT: copying gigabytes into the page cache
-costs a core for seconds (3.2 GB: ~2.7 s of CPU here), time the decoder needs; the disk's DMA costs
-none.
+file system allows it, the file is written with O_DIRECT (`direct_io.py`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import queue
 import struct
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
 from torchvision.utils import save_image
 
+from vae_rt.direct_io import open_append_stream
 from vae_rt.errors import RuntimeFailure, UserError
 from vae_rt.files import BLOCK, atomic_path, block_aligned_empty, check_file_target
 from vae_rt.host_copy import DeviceToHost
@@ -94,7 +90,7 @@ def stream_npy(
     to_host: DeviceToHost | None = None  # made at the first GPU batch
     failure: list[BaseException] = []
     as_uint8 = dtype == "uint8"
-    with atomic_path(Path(path)) as tmp, _open_stream(tmp, npy_header(dtype, (n, *IMAGE_SHAPE))) as f:
+    with atomic_path(Path(path)) as tmp, open_append_stream(tmp, npy_header(dtype, (n, *IMAGE_SHAPE))) as f:
         scratch: dict[str, np.ndarray] = {}
 
         def write_all() -> None:
@@ -145,87 +141,3 @@ def npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:
     magic = np.lib.format.magic(1, 0)
     length = BLOCK - len(magic) - 2  # what follows the 2-byte length field
     return magic + struct.pack("<H", length) + (fields.ljust(length - 1) + "\n").encode("latin1")
-
-
-@contextlib.contextmanager
-def _open_stream(path: Path, header: bytes) -> Iterator[_DirectFile | BinaryIO]:
-    """`path` holding `header`, open for appending: past the page cache where the system allows it."""
-    direct = _open_direct(path, header)
-    if direct is not None:
-        with direct:
-            yield direct
-    else:
-        with open(path, "wb") as f:
-            f.write(header)
-            yield f
-
-
-def _open_direct(path: Path, header: bytes) -> _DirectFile | None:
-    """An O_DIRECT file holding `header`, or None: some systems refuse O_DIRECT on open, others on the first write."""
-    try:
-        direct = _DirectFile(os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_DIRECT))  # no os.O_DIRECT off Linux
-    except (AttributeError, OSError):
-        return None
-    try:
-        direct.write(header)
-    except OSError:
-        direct.close(complete=False)
-        return None
-    return direct
-
-
-class _DirectFile:
-    """Appends bytes to an O_DIRECT file descriptor, in whole blocks from block-aligned memory.
-
-    Aligned data of whole blocks goes to the disk as it is: the sampler's ring buffers, when a
-    batch holds a multiple of 64 float32 images (256 uint8). Other data is copied into an aligned
-    staging buffer and written in whole blocks; the remainder waits for the next write. On close
-    the last partial block is written zero-padded and the file cut back to the exact size.
-    """
-
-    def __init__(self, fd: int):
-        self.fd, self.size, self.pending = fd, 0, 0  # bytes written in all; bytes in the buffer not yet written
-        self.buffer = _aligned_bytes(BLOCK)
-
-    def write(self, data: np.ndarray | bytes) -> None:
-        raw = np.frombuffer(data, np.uint8)  # a byte view of the same memory
-        if not self.pending and len(raw) % BLOCK == 0 and raw.ctypes.data % BLOCK == 0:
-            _write_all(self.fd, memoryview(raw))
-            self.size += len(raw)
-            return
-        end = self.pending + len(raw)
-        if end > len(self.buffer):  # grows to the largest batch, once
-            grown = _aligned_bytes(-(-end // BLOCK) * BLOCK)
-            grown[: self.pending] = self.buffer[: self.pending]
-            self.buffer = grown
-        self.buffer[self.pending : end] = raw
-        whole = end - end % BLOCK
-        if whole:
-            _write_all(self.fd, memoryview(self.buffer[:whole]))
-            self.buffer[: end - whole] = self.buffer[whole:end]  # the remainder (< BLOCK, after `whole`)
-        self.pending, self.size = end - whole, self.size + len(raw)
-
-    def close(self, complete: bool = True) -> None:
-        """Write what is pending (when `complete`: not after a failure) and close the file."""
-        try:
-            if self.pending and complete:
-                self.buffer[self.pending : BLOCK] = 0
-                _write_all(self.fd, memoryview(self.buffer[:BLOCK]))
-                os.ftruncate(self.fd, self.size)
-        finally:
-            os.close(self.fd)
-
-    def __enter__(self) -> _DirectFile:
-        return self
-
-    def __exit__(self, error_type: type[BaseException] | None, *_: object) -> None:
-        self.close(complete=error_type is None)
-
-
-def _aligned_bytes(size: int) -> np.ndarray:
-    return block_aligned_empty((size,), torch.uint8).numpy()
-
-
-def _write_all(fd: int, data: memoryview) -> None:
-    while data:
-        data = data[os.write(fd, data) :]

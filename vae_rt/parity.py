@@ -1,6 +1,6 @@
 """What "same result" means: error statistics of a backend's images against the torch fp32 reference.
 
-Tolerances are DESIGN.md's: fp32 max abs <= 1e-5; fp16 max abs <= 5e-3 and mean abs <= 5e-4.
+Tolerances (docs/backends.md): fp32 max abs <= 1e-5; fp16 max abs <= 5e-3 and mean abs <= 5e-4.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 TOLERANCES: dict[str, tuple[float, float | None]] = {  # precision -> (max abs, mean abs or None)
     "fp32": (1e-5, None),
     "fp16": (5e-3, 5e-4),
-    "bf16": (4e-2, 4e-3),  # not in DESIGN.md: fp16's bounds x 8, for bf16's 3 fewer mantissa bits
+    "bf16": (4e-2, 4e-3),  # fp16's bounds x 8, for bf16's 3 fewer mantissa bits
 }
 TAIL_VALUES = (8.0, 6.0, 4.0, 3.0)  # norms far out in the prior's tails, where fp16 error and overflow grow
 

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"checkpoint_(\d+)\.pth$")
 GRID_SAMPLES = 64
 DEFAULT_EPOCHS = 10
+LR_DECAYS = ("none", "cosine")
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,8 @@ class TrainOptions:
             raise UserError(f"--lr must be a positive finite number, got {self.lr}")
         if self.z_dim < 1:
             raise UserError(f"--z-dim must be at least 1, got {self.z_dim}")
-        if self.lr_decay not in ("none", "cosine"):
-            raise UserError(f"--lr-decay must be 'none' or 'cosine', got {self.lr_decay!r}")
+        if self.lr_decay not in LR_DECAYS:
+            raise UserError(f"lr_decay must be one of {', '.join(LR_DECAYS)}, got {self.lr_decay!r}")
         if self.keep < 1:
             raise UserError(f"--keep must be at least 1, got {self.keep}")
         if not 0 <= self.ema < 1:
@@ -97,8 +98,8 @@ def train(
         checkpoint stays on disk).
     """
     # Adam's moments of parameters whose gradient is 0 (dead ReLU units) decay into denormal floats
-    # within an epoch or two, and x86 CPUs process those many times slower (here an epoch went from
-    # 2.3 s to 4.3 s by epoch 4). Flushing them to zero costs no accuracy. The flag is per thread, and
+    # within an epoch or two, and x86 CPUs process those many times slower (docs/benchmarks.md).
+    # Flushing them to zero costs no accuracy. The flag is per thread, and
     # torch's worker threads copy it when they are created: so it is set before any parallel op runs
     # (in a process that has run one already, the workers keep computing with denormals: slower, not wrong).
     flushed = torch.set_flush_denormal(True)
@@ -155,7 +156,7 @@ class _Run:
     def __init__(self, model: VAE, options: TrainOptions, out_dir: Path, x_train: torch.Tensor, x_test: torch.Tensor):
         self.model, self.options, self.out_dir = model, options, out_dir
         self.x_train, self.x_test = x_train, x_test
-        # fused: one kernel for the whole update instead of several per tensor (about 1 s less per epoch here)
+        # fused: one kernel for the whole update instead of several per tensor
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay, fused=True)
         self.averaged = (
             AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(options.ema), use_buffers=True) if options.ema else None

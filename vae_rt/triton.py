@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from vae_rt.backends.ort import inspect_onnx
+from vae_rt.artifacts import inspect_onnx
 from vae_rt.files import atomic_path, make_dir, write_atomic
 from vae_rt.model import INPUT_NAME, OUTPUT_NAME
 

@@ -10,65 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 
+from vae_rt.artifacts import inspect_onnx
 from vae_rt.backends import BaseBackend, Latents, to_device
+from vae_rt.capabilities import CPU_EP, CUDA_EP, available_providers
 from vae_rt.errors import UserError, require
 from vae_rt.model import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
-
-CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
-
-
-class OnnxModelError(UserError):
-    """The file is not an ONNX decoder with vae-rt's input and output."""
-
-
-def inspect_onnx(path: Path) -> tuple[int, int, str]:
-    """(z_dim, x_dim, precision) of an exported decoder, or a one-line error saying what does not fit.
-
-    The precision is that of its weights: fp16 initializers mean an fp16 model (its I/O stays float32).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise OnnxModelError(f"{path}: no such ONNX file")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as err:  # onnx raises DecodeError, ValueError, ... for non-protobuf bytes
-        raise OnnxModelError(f"{path}: not a readable ONNX model ({type(err).__name__})") from err
-    graph = model.graph
-    inputs = [i for i in graph.input if i.name not in {t.name for t in graph.initializer}]
-    if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in graph.output] != [OUTPUT_NAME]:
-        raise OnnxModelError(
-            f"{path}: has inputs {[i.name for i in inputs]} and outputs {[o.name for o in graph.output]}; "
-            f"expected one input '{INPUT_NAME}' [batch, z_dim] and one output '{OUTPUT_NAME}' [batch, 784]"
-        )
-    (z_in,), (image_out,) = inputs, graph.output
-    z_shape, image_shape = _dims(z_in), _dims(image_out)
-    float_type = onnx.TensorProto.FLOAT
-    if (
-        len(z_shape) != 2 or not isinstance(z_shape[1], int) or len(image_shape) != 2 or not isinstance(image_shape[1], int)
-        or z_in.type.tensor_type.elem_type != float_type or image_out.type.tensor_type.elem_type != float_type
-    ):
-        raise OnnxModelError(
-            f"{path}: '{INPUT_NAME}' is {z_shape} and '{OUTPUT_NAME}' is {image_shape}; expected float32 "
-            "[batch, z_dim] and [batch, 784]"
-        )
-    fp16 = any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
-    return z_shape[1], image_shape[1], "fp16" if fp16 else "fp32"
-
-
-def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
-    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim]
-
-
-def available_providers() -> list[str]:
-    """Execution providers onnxruntime offers here ([] when it is not installed)."""
-    try:
-        import onnxruntime
-    except ImportError:
-        return []
-    return list(onnxruntime.get_available_providers())
 
 
 class OrtBackend(BaseBackend):

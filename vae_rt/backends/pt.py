@@ -9,13 +9,13 @@ import torch
 from vae_rt.backends import BaseBackend, Latents, to_device
 from vae_rt.backends.graphs import GraphCache, capture_graph
 from vae_rt.checkpoint import load_checkpoint
-from vae_rt.model import IMAGE_SHAPE
+from vae_rt.model import IMAGE_SHAPE, Decoder
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class TorchBackend(BaseBackend):
-    """Decodes with the checkpoint's own layers as three fused `addmm` calls."""
+    """Decodes with the checkpoint's own decoder module, cast to the precision and moved to the device."""
 
     name = "torch"
 
@@ -23,7 +23,7 @@ class TorchBackend(BaseBackend):
         super().__init__(precision, device)
         self.checkpoint = checkpoint
         self.use_graphs = cuda_graphs and self.device == "cuda"
-        self._layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._decoder: Decoder | None = None
         self._graphs: GraphCache[tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = GraphCache(self._capture)
 
     def describe(self) -> str:
@@ -33,27 +33,17 @@ class TorchBackend(BaseBackend):
     def _open(self) -> None:
         model, _ = load_checkpoint(self.checkpoint)
         self.z_dim = model.config.z_dim
-        dtype = DTYPES[self.precision]
-        # Weights pre-transposed once, so each call is addmm(bias, h, W^T) with no per-call layout work.
-        self._layers = [
-            (layer.weight.detach().to(self.device, dtype).t().contiguous(), layer.bias.detach().to(self.device, dtype))
-            for layer in (model.fc4, model.fc5, model.fc6)
-        ]
+        self._decoder = model.decoder().to(self.device, DTYPES[self.precision]).eval()
 
     def _close(self) -> None:
-        self._layers = []
+        self._decoder = None
         self._graphs.clear()
 
     @torch.inference_mode()
     def _forward(self, z: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """[B, z_dim] -> float32 [B, 784], written into `out` ([B, 784] float32) when given."""
-        (w4, b4), (w5, b5), (w6, b6) = self._layers
-        h = torch.addmm(b4, z.to(w4.dtype), w4).relu_()
-        h = torch.addmm(b5, h, w5).relu_()
-        if out is not None and w6.dtype == torch.float32:
-            return torch.addmm(b6, h, w6, out=out).sigmoid_()
-        images = torch.addmm(b6, h, w6).sigmoid_()
-        return images.float() if out is None else out.copy_(images)
+        images = self._decoder(z.to(DTYPES[self.precision])).float()
+        return images if out is None else out.copy_(images)
 
     def _decode(self, z: Latents, out: torch.Tensor | None) -> torch.Tensor:
         z = to_device(z, self.device)

@@ -11,13 +11,12 @@ from typing import Any
 
 import torch
 
+from vae_rt.artifacts import platform_mismatch, read_manifest
 from vae_rt.backends import BaseBackend, Latents, chunk_bounds, to_device
 from vae_rt.backends.graphs import CaptureFailed, GraphCache, capture_graph
-from vae_rt.engine import current_platform, platform_mismatch
+from vae_rt.capabilities import current_platform, last_message, process_logger
 from vae_rt.errors import RuntimeFailure, UserError, require
-from vae_rt.export import read_manifest
 from vae_rt.model import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
-from vae_rt.trt_logger import last_message, process_logger
 
 
 class EngineError(UserError):

@@ -1,0 +1,62 @@
+"""From a model path and options to a backend: the auto choice, refusals, the ONNX cache."""
+
+import pytest
+import torch
+
+import vae_rt.resolve as resolve_module
+from vae_rt import open_sampler
+from vae_rt.errors import UserError
+from vae_rt.resolve import cached_onnx, choose_backend
+
+pytest.importorskip("onnxruntime")
+
+
+def test_auto_prefers_onnx_runtime_on_the_cpu_and_says_why(monkeypatch):
+    name, device, why = choose_backend("checkpoint", None, "cpu")
+    assert (name, device) == ("ort", "cpu") and "chose ort on cpu" in why
+    monkeypatch.setattr(resolve_module, "available_providers", list)
+    name, _, why = choose_backend("checkpoint", None, "cpu")
+    assert name == "torch" and "onnxruntime is not installed" in why
+    with pytest.raises(UserError, match="no backend can run"):
+        choose_backend("onnx", None, "cpu")
+
+
+def test_auto_on_a_machine_without_gpu_explains_the_skip():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    _, _, why = choose_backend("checkpoint", None, "auto")
+    assert "torch sees no CUDA GPU" in why
+
+
+def test_backends_refuse_files_they_cannot_run(tmp_path, random_checkpoint):
+    onnx_path = cached_onnx(random_checkpoint, "fp32")
+    with pytest.raises(UserError, match="backend torch needs a checkpoint"):
+        open_sampler(onnx_path, "torch")
+    with pytest.raises(UserError, match="unknown kind of file"):
+        open_sampler(tmp_path / "model.bin")
+    with pytest.raises(UserError, match="no such file"):
+        open_sampler(tmp_path / "missing.pth")
+    with pytest.raises(UserError, match="backend must be one of"):
+        open_sampler(random_checkpoint, "tensorflow")
+    with pytest.raises(UserError, match="precision must be one of"):
+        open_sampler(random_checkpoint, "torch", "int8")
+    with pytest.raises(UserError, match="fp32 model, not fp16"):
+        open_sampler(onnx_path, "ort", "fp16")
+
+
+def test_onnx_export_is_cached_by_checkpoint_content(random_checkpoint):
+    first = cached_onnx(random_checkpoint, "fp16")
+    stamp = first.stat().st_mtime_ns
+    assert cached_onnx(random_checkpoint, "fp16") == first and first.stat().st_mtime_ns == stamp
+
+
+def test_trt_without_tensorrt_names_what_to_install(random_checkpoint):
+    from vae_rt.capabilities import engine_skip_reason
+
+    reason = engine_skip_reason()
+    if reason is None:
+        pytest.skip("TensorRT and a GPU are present")
+    with pytest.raises(UserError, match="backend trt: ") as info:
+        open_sampler(random_checkpoint, "trt")
+    assert reason in str(info.value) and ("pip install 'vae-rt[gpu]'" in reason or "no CUDA GPU" in reason)
+

@@ -1,0 +1,158 @@
+"""The files builders write and backends read: manifests, the ONNX I/O contract, engine file names.
+
+This is the one layer both sides share. Builders (`export.py`, `engine.py`, `triton.py`) write
+artifacts; backends only read them; neither imports the other.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from vae_rt.errors import UserError
+from vae_rt.files import write_atomic
+from vae_rt.model import INPUT_NAME, OUTPUT_NAME
+
+
+class OnnxModelError(UserError):
+    """The file is not an ONNX decoder with vae-rt's input and output."""
+
+
+def onnx_path_for(out_dir: Path, name: str, precision: str) -> Path:
+    return Path(out_dir) / f"{name}.{precision}.onnx"
+
+
+def manifest_path_for(artifact: Path) -> Path:
+    return artifact.with_name(artifact.name + ".json")
+
+
+def read_manifest(artifact: Path) -> dict[str, Any] | None:
+    """The manifest beside `artifact`, or None when it is missing or unreadable."""
+    try:
+        manifest = json.loads(manifest_path_for(artifact).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def write_manifest(artifact: Path, manifest: dict[str, Any]) -> Path:
+    path = manifest_path_for(artifact)
+    write_atomic(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def inspect_onnx(path: Path) -> tuple[int, int, str]:
+    """(z_dim, x_dim, precision) of an exported decoder, or a one-line error saying what does not fit.
+
+    The precision is that of its weights: fp16 initializers mean an fp16 model (its I/O stays float32).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise OnnxModelError(f"{path}: no such ONNX file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # onnx raises DecodeError, ValueError, ... for non-protobuf bytes
+        raise OnnxModelError(f"{path}: not a readable ONNX model ({type(err).__name__})") from err
+    graph = model.graph
+    inputs = [i for i in graph.input if i.name not in {t.name for t in graph.initializer}]
+    if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in graph.output] != [OUTPUT_NAME]:
+        raise OnnxModelError(
+            f"{path}: has inputs {[i.name for i in inputs]} and outputs {[o.name for o in graph.output]}; "
+            f"expected one input '{INPUT_NAME}' [batch, z_dim] and one output '{OUTPUT_NAME}' [batch, 784]"
+        )
+    (z_in,), (image_out,) = inputs, graph.output
+    z_shape, image_shape = _dims(z_in), _dims(image_out)
+    float_type = onnx.TensorProto.FLOAT
+    if (
+        len(z_shape) != 2 or not isinstance(z_shape[1], int) or len(image_shape) != 2 or not isinstance(image_shape[1], int)
+        or z_in.type.tensor_type.elem_type != float_type or image_out.type.tensor_type.elem_type != float_type
+    ):
+        raise OnnxModelError(
+            f"{path}: '{INPUT_NAME}' is {z_shape} and '{OUTPUT_NAME}' is {image_shape}; expected float32 "
+            "[batch, z_dim] and [batch, 784]"
+        )
+    fp16 = any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
+    return z_shape[1], image_shape[1], "fp16" if fp16 else "fp32"
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
+    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim]
+
+
+@dataclass(frozen=True)
+class Platform:
+    """What a TensorRT plan is tied to: the TensorRT build and the GPU."""
+
+    tensorrt: str
+    gpu: str
+    compute_capability: str  # "9.0"
+    cuda: str
+
+    def describe(self) -> str:
+        return f"TensorRT {self.tensorrt} on {self.gpu} (sm {self.compute_capability}, CUDA {self.cuda})"
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """A plan's cache key: any change of a field means another plan."""
+
+    onnx_sha256: str
+    precision: str
+    z_dim: int
+    min_batch: int
+    opt_batch: int
+    max_batch: int
+    optimization_level: int
+    tensorrt: str
+    gpu: str
+    compute_capability: str
+    cuda: str
+    tf32: bool = False  # TensorRT may run fp32 math in TF32; last, with a default, so older manifests still load
+
+    @property
+    def platform(self) -> Platform:
+        return Platform(self.tensorrt, self.gpu, self.compute_capability, self.cuda)
+
+
+def platform_tag(platform: Platform) -> str:
+    """`<gpu>-sm<cc>.trt<version>`, e.g. `nvidia-h100-80gb-hbm3-sm90.trt11.4.0`: what a plan or timing cache fits."""
+    gpu = re.sub(r"[^a-z0-9]+", "-", platform.gpu.lower()).strip("-")
+    cc = platform.compute_capability.replace(".", "")
+    return f"{gpu}-sm{cc}.trt{platform.tensorrt}"
+
+
+def engine_path_for(engine_dir: Path, name: str, platform: Platform) -> Path:
+    """`engines/<name>.<platform tag>.plan`: one file per model, GPU and TensorRT version."""
+    return Path(engine_dir) / f"{name}.{platform_tag(platform)}.plan"
+
+
+def timing_cache_path(engine_dir: Path, platform: Platform) -> Path:
+    """Per GPU model, not per compute capability: an H100's timings would steer an H200 build (same sm 9.0)."""
+    return Path(engine_dir) / f"timing-cache.{platform_tag(platform)}.bin"
+
+
+def spec_mismatches(manifest: dict[str, Any] | None, spec: EngineSpec) -> list[str]:
+    """Why a cached plan cannot serve `spec`, one phrase per differing field ([] when it can)."""
+    if manifest is None:
+        return ["it has no readable manifest"]
+    recorded = manifest.get("spec", {})
+    return [
+        f"{f.name} is {recorded.get(f.name)!r}, needed {getattr(spec, f.name)!r}"
+        for f in fields(EngineSpec)
+        if recorded.get(f.name) != getattr(spec, f.name)
+    ]
+
+
+def platform_mismatch(manifest: dict[str, Any] | None, here: Platform) -> str | None:
+    """A one-line reason why a plan built per `manifest` cannot run here, or None when it can."""
+    if manifest is None or "spec" not in manifest:
+        return None  # no manifest: only deserializing can tell
+    built = EngineSpec(**manifest["spec"]).platform
+    if (built.tensorrt, built.gpu, built.compute_capability) != (here.tensorrt, here.gpu, here.compute_capability):
+        return f"built for {built.describe()}; this is {here.describe()}: rebuild it with `vae-rt export`"
+    return None

@@ -1,0 +1,68 @@
+"""`vae-rt export` as one library call: the ONNX files asked for, then the TensorRT engine and a Triton repository."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vae_rt.capabilities import engine_skip_reason
+from vae_rt.engine import DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, build_engine, check_profile
+from vae_rt.errors import UserError
+from vae_rt.export import ExportedModel, export_onnx
+
+
+@dataclass
+class ExportReport:
+    """What `export_artifacts` wrote, and why the engine was skipped when it was."""
+
+    onnx: dict[str, ExportedModel] = field(default_factory=dict)  # precision -> export
+    engine: Path | None = None
+    engine_built: bool = False  # False with an engine: a matching cached plan was reused
+    engine_skipped: str | None = None
+    triton: Path | None = None
+
+
+def export_artifacts(
+    checkpoint: Path | None,
+    out_dir: Path,
+    precisions: list[str],
+    name: str | None = None,
+    engine_dir: Path = Path("engines"),
+    engine: bool | None = None,
+    opt_batch: int | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    triton_dir: Path | None = None,
+) -> ExportReport:
+    """Export `checkpoint`'s decoder in each precision, then build its engine and Triton repository.
+
+    Args:
+        engine: True requires the TensorRT engine, False skips it, None builds it when this machine can.
+        opt_batch: the batch TensorRT tunes for (None: the sampler's CUDA batch, or `max_batch` when smaller).
+        triton_dir: where to write a Triton model repository (None: none).
+    Raises:
+        UserError: bad options, or `engine=True` on a machine that cannot build one.
+    """
+    opt_batch = min(DEFAULT_OPT_BATCH, max_batch) if opt_batch is None else opt_batch
+    check_profile(opt_batch, max_batch)
+    skip_reason = engine_skip_reason() if engine is not False else None
+    if engine and skip_reason:
+        raise UserError(f"engine: cannot build a TensorRT engine here: {skip_reason}")
+    report = ExportReport()
+    for precision in precisions:
+        report.onnx[precision] = export_onnx(checkpoint, out_dir, precision, name)
+    if engine is not False:
+        if skip_reason:
+            report.engine_skipped = skip_reason
+        elif "fp16" not in report.onnx:
+            report.engine_skipped = "it is built from the fp16 ONNX; add fp16 to the precisions"
+        else:
+            fp16_path = report.onnx["fp16"].path
+            report.engine, report.engine_built = build_engine(
+                fp16_path, engine_dir, fp16_path.name.removesuffix(".onnx"), opt_batch, max_batch
+            )
+    if triton_dir is not None:
+        from vae_rt.triton import write_model_repository
+
+        onnx_path = (report.onnx.get("fp32") or next(iter(report.onnx.values()))).path
+        report.triton = write_model_repository(triton_dir, onnx_path, report.engine, max_batch)
+    return report
