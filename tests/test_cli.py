@@ -73,7 +73,9 @@ def test_version():
 
 
 def test_export_writes_both_onnx_files_and_skips_the_engine(tmp_path, tutorial_state_dict):
-    code, output = run("export", tutorial_state_dict, "--out-dir", tmp_path / "export", "--triton", tmp_path / "triton")
+    # --max-batch below the default opt batch: the opt batch follows it down
+    code, output = run("export", tutorial_state_dict, "--out-dir", tmp_path / "export", "--triton", tmp_path / "triton",
+                       "--max-batch", 8192)
     assert code == 0, output
     for precision in ("fp32", "fp16"):
         assert (tmp_path / "export" / f"checkpoint_8.{precision}.onnx").is_file()

@@ -116,17 +116,28 @@ class EngineSpec:
     gpu: str
     compute_capability: str
     cuda: str
+    tf32: bool = False  # TensorRT may run fp32 math in TF32; last, with a default, so older manifests still load
 
     @property
     def platform(self) -> Platform:
         return Platform(self.tensorrt, self.gpu, self.compute_capability, self.cuda)
 
 
-def engine_path_for(engine_dir: Path, name: str, platform: Platform) -> Path:
-    """`engines/<name>.<gpu>-sm<cc>.trt<version>.plan`: one file per model, GPU and TensorRT version."""
+def platform_tag(platform: Platform) -> str:
+    """`<gpu>-sm<cc>.trt<version>`, e.g. `nvidia-h100-80gb-hbm3-sm90.trt11.4.0`: what a plan or timing cache fits."""
     gpu = re.sub(r"[^a-z0-9]+", "-", platform.gpu.lower()).strip("-")
     cc = platform.compute_capability.replace(".", "")
-    return Path(engine_dir) / f"{name}.{gpu}-sm{cc}.trt{platform.tensorrt}.plan"
+    return f"{gpu}-sm{cc}.trt{platform.tensorrt}"
+
+
+def engine_path_for(engine_dir: Path, name: str, platform: Platform) -> Path:
+    """`engines/<name>.<platform tag>.plan`: one file per model, GPU and TensorRT version."""
+    return Path(engine_dir) / f"{name}.{platform_tag(platform)}.plan"
+
+
+def timing_cache_path(engine_dir: Path, platform: Platform) -> Path:
+    """Per GPU model, not per compute capability: an H100's timings would steer an H200 build (same sm 9.0)."""
+    return Path(engine_dir) / f"timing-cache.{platform_tag(platform)}.bin"
 
 
 def spec_mismatches(manifest: dict[str, Any] | None, spec: EngineSpec) -> list[str]:

@@ -245,7 +245,9 @@ def export(
     engine_dir: Annotated[Path, typer.Option(help="Folder for TensorRT plans, manifests and the timing cache.")] = Path("engines"),
     precision: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(EXPORT_PRECISIONS)}.")] = "fp32,fp16",
     max_batch: Annotated[int, typer.Option(min=1, help="Largest batch of the TensorRT profile (and Triton's max_batch_size).")] = DEFAULT_MAX_BATCH,
-    opt_batch: Annotated[int, typer.Option(min=1, help="Batch size TensorRT tunes for.")] = DEFAULT_OPT_BATCH,
+    opt_batch: Annotated[
+        int | None, typer.Option(min=1, help=f"Batch size TensorRT tunes for (default: the sampler's CUDA batch, {DEFAULT_OPT_BATCH}, or --max-batch if smaller).")
+    ] = None,
     engine: Annotated[
         bool | None, typer.Option("--engine/--no-engine", help="Require / skip the TensorRT engine (default: build when possible).")
     ] = None,
@@ -262,7 +264,7 @@ def export(
     from vae_rt.export import FP16_MAX
 
     precisions = _split_choices("--precision", precision, EXPORT_PRECISIONS)
-    if opt_batch > max_batch:
+    if opt_batch is not None and opt_batch > max_batch:
         raise UserError(f"--opt-batch must be at most --max-batch ({max_batch}), got {opt_batch}")
     report = export_artifacts(checkpoint, out_dir, precisions, name, engine_dir, engine, opt_batch, max_batch, triton, data_dir)
     for p, result in report.onnx.items():

@@ -17,7 +17,7 @@ from vae_rt.backends import BACKEND_CHOICES, DEVICES, PRECISIONS, BaseBackend, c
 from vae_rt.capabilities import CUDA_EP, available_providers, engine_skip_reason, native_bf16
 from vae_rt.checkpoint import BUNDLED_CHECKPOINT, read_checkpoint
 from vae_rt.data import cache_dir
-from vae_rt.engine import build_engine
+from vae_rt.engine import DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, build_engine
 from vae_rt.errors import UserError
 from vae_rt.export import EXPORT_PRECISIONS, EXPORT_REVISION, export_onnx
 from vae_rt.files import sha256_file
@@ -31,7 +31,8 @@ KINDS = {".pth": "checkpoint", ".pt": "checkpoint", ".onnx": "onnx", ".plan": "p
 
 
 def resolve_backend(
-    model: str | Path | None, backend: str, precision: str | None, device: str, cuda_graphs: bool = True
+    model: str | Path | None, backend: str, precision: str | None, device: str, cuda_graphs: bool = True,
+    serving_batch: int = DEFAULT_OPT_BATCH,
 ) -> tuple[BaseBackend, str | None]:
     """The backend that serves `model` (the bundled checkpoint when None), and why, when `backend` was 'auto'.
 
@@ -53,10 +54,10 @@ def resolve_backend(
         if device == "cpu" and kind != "plan":
             chosen, why = cpu_auto_backend(path, kind, precision)
         else:
-            chosen = create_backend(backend, path, kind, precision, device, cuda_graphs)
+            chosen = create_backend(backend, path, kind, precision, device, cuda_graphs, serving_batch)
         log.info("backend auto: %s", why)
         return chosen, why
-    return create_backend(backend, path, kind, precision, device, cuda_graphs), why
+    return create_backend(backend, path, kind, precision, device, cuda_graphs, serving_batch), why
 
 
 def cpu_auto_backend(path: Path, kind: str, precision: str | None) -> tuple[BaseBackend, str]:
@@ -129,7 +130,10 @@ def choose_backend(kind: str, precision: str | None, device: str) -> tuple[str, 
     raise UserError("no backend can run this model here: " + "; ".join(skipped))
 
 
-def create_backend(backend: str, path: Path, kind: str, precision: str | None, device: str, cuda_graphs: bool) -> BaseBackend:
+def create_backend(
+    backend: str, path: Path, kind: str, precision: str | None, device: str, cuda_graphs: bool,
+    serving_batch: int = DEFAULT_OPT_BATCH,
+) -> BaseBackend:
     """Backend `backend` on the artifact it needs, exported or built (and cached) from a checkpoint when needed."""
     on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if backend == "torch":
@@ -151,7 +155,7 @@ def create_backend(backend: str, path: Path, kind: str, precision: str | None, d
     reason = engine_skip_reason()
     if reason:
         raise UserError(f"backend trt: {reason}")
-    engine_path = path if kind == "plan" else cached_engine(path, kind)
+    engine_path = path if kind == "plan" else cached_engine(path, kind, serving_batch)
     return get_backend("trt", engine_path=engine_path, precision=precision, device=device, cuda_graphs=cuda_graphs)
 
 
@@ -173,11 +177,17 @@ def cached_onnx(checkpoint: Path, precision: str) -> Path:
     return export_onnx(checkpoint, out_dir, precision, name=digest[:16]).path
 
 
-def cached_engine(path: Path, kind: str) -> Path:
-    """A TensorRT plan for a checkpoint or ONNX file, built once per content, GPU and TensorRT version."""
+def cached_engine(path: Path, kind: str, serving_batch: int = DEFAULT_OPT_BATCH) -> Path:
+    """A TensorRT plan for a checkpoint or ONNX file, built once per content, GPU, TensorRT version and batch size.
+
+    The profile's opt batch is the batch that will serve (the backend chunks at the profile max):
+    TensorRT picks its kernels for that one size.
+    """
     onnx_path = path if kind == "onnx" else cached_onnx(path, "fp16")
     engine_dir = Path(os.environ.get(ENGINE_DIR_ENV) or cache_dir() / "engines")
-    plan, built = build_engine(onnx_path, engine_dir, name=onnx_path.name.removesuffix(".onnx"))
+    opt_batch = min(serving_batch, DEFAULT_MAX_BATCH)
+    name = f"{onnx_path.name.removesuffix('.onnx')}.opt{opt_batch}"  # one file per opt batch: no rebuild when sizes alternate
+    plan, built = build_engine(onnx_path, engine_dir, name, opt_batch, opt_batch_is="the sampler's batch size")
     if built:
         notice.info("built the TensorRT engine %s (once; cached)", plan)
     return plan

@@ -152,7 +152,8 @@ def open_sampler(
     Raises:
         UserError: unknown option, missing file or dependency, a combination that cannot run here.
     """
-    chosen, why = resolve_backend(model, backend, precision, device, cuda_graphs)
+    serving = batch_size or DEFAULT_BATCH["cuda"]  # what a trt engine built now is tuned for (trt runs on CUDA only)
+    chosen, why = resolve_backend(model, backend, precision, device, cuda_graphs, serving)
     return Sampler(chosen, batch_size, why)
 
 
