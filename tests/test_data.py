@@ -34,7 +34,8 @@ def test_a_failed_download_is_one_line_with_the_cause_and_the_way_out(tmp_path, 
             )
 
     monkeypatch.setattr("torchvision.datasets.MNIST", OfflineMNIST)
-    monkeypatch.setenv("VAE_RT_CACHE_DIR", str(tmp_path))  # nothing cached: load_mnist must download
+    monkeypatch.setenv("VAE_RT_CACHE_DIR", str(tmp_path))  # nothing cached and no folder named: load_mnist must download
+    monkeypatch.delenv("VAE_RT_MNIST_DIR")
     with pytest.raises(DataError) as caught:
         load_mnist()
     message = str(caught.value)

@@ -37,9 +37,9 @@ def test_onnx_structure(exported, precision):
     expected = onnx.TensorProto.FLOAT16 if precision == "fp16" else onnx.TensorProto.FLOAT
     assert weight_types == {expected}
     assert inspect_onnx(path) == (2, 784, precision)
-    if precision == "fp16":
+    if precision == "fp16":  # float32 I/O, and the sigmoid in float32 as 1 / (1 + exp(-x))
         ops = [n.op_type for n in model.graph.node]
-        assert ops[0] == "Cast" and ops[-1] == "Cast"
+        assert ops[0] == "Cast" and ops[-5:] == ["Cast", "Neg", "Exp", "Add", "Reciprocal"]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
@@ -53,7 +53,7 @@ def test_export_reports_ort_parity_within_tolerance(exported, precision):
         assert 0 < parity.max_abs <= 5e-3 and parity.mean_abs <= 5e-4  # fp16 really ran: not bit-equal
 
 
-def test_manifest_records_source_versions_and_parity(exported, random_checkpoint):
+def test_manifest_records_source_versions_parity_and_quality(exported, random_checkpoint):
     result = exported["fp16"]
     manifest = json.loads(result.manifest_path.read_text())
     assert manifest == read_manifest(result.path)
@@ -66,6 +66,10 @@ def test_manifest_records_source_versions_and_parity(exported, random_checkpoint
     assert {"vae_rt", "torch", "onnx", "onnxruntime"} <= manifest["versions"].keys()
     assert manifest["parity_vs_torch_fp32"]["passed"] is True
     assert manifest["parity_vs_torch_fp32"]["max_abs"] == result.parity.max_abs
+    gate = manifest["quality_gate"]  # the test loss through the fp16 file, against fp32's
+    assert gate["passed"] is True and gate["limit"] == 0.05 and abs(gate["delta"]) <= 0.05 and gate["images"] == 10000
+    assert gate == {"provider": "CPUExecutionProvider", **result.quality.as_dict()}
+    assert "quality_gate" not in read_manifest(exported["fp32"].path)  # fp32 is held to 1e-5 parity instead
 
 
 def test_no_temporary_files_are_left(exported):

@@ -39,6 +39,8 @@ def test_backends_refuse_files_they_cannot_run(tmp_path, random_checkpoint):
     with pytest.raises(UserError, match="backend must be one of"):
         open_sampler(random_checkpoint, "tensorflow")
     with pytest.raises(UserError, match="precision must be one of"):
+        open_sampler(random_checkpoint, "torch", "int4")
+    with pytest.raises(UserError, match="int8 runs on --backend ort"):
         open_sampler(random_checkpoint, "torch", "int8")
     with pytest.raises(UserError, match="fp32 model, not fp16"):
         open_sampler(onnx_path, "ort", "fp16")
@@ -48,6 +50,18 @@ def test_onnx_export_is_cached_by_checkpoint_content(random_checkpoint):
     first = cached_onnx(random_checkpoint, "fp16")
     stamp = first.stat().st_mtime_ns
     assert cached_onnx(random_checkpoint, "fp16") == first and first.stat().st_mtime_ns == stamp
+
+
+def test_an_export_made_by_an_older_vae_rt_is_made_again(random_checkpoint):
+    from vae_rt.artifacts import read_manifest, write_manifest
+    from vae_rt.export import EXPORT_REVISION
+
+    path = cached_onnx(random_checkpoint, "fp32")
+    manifest = read_manifest(path)
+    del manifest["export_revision"]  # as every cache entry written before the revision was recorded
+    write_manifest(path, manifest)
+    assert cached_onnx(random_checkpoint, "fp32") == path
+    assert read_manifest(path)["export_revision"] == EXPORT_REVISION
 
 
 def test_trt_without_tensorrt_names_what_to_install(random_checkpoint):

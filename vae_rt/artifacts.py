@@ -22,6 +22,8 @@ from vae_rt.model import INPUT_NAME, OUTPUT_NAME, X_DIM
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
+WEIGHT_PRECISIONS = ((onnx.TensorProto.INT8, "int8"), (onnx.TensorProto.FLOAT16, "fp16"))  # checked in this order
+
 
 class OnnxModelError(UserError):
     """The file is not an ONNX decoder with vae-rt's input and output."""
@@ -61,8 +63,9 @@ def io_contract(z_dim: int, x_dim: int) -> dict[str, list[dict[str, Any]]]:
 def inspect_onnx(path: Path) -> tuple[int, int, str]:
     """(z_dim, x_dim, precision) of an exported decoder, or a one-line error saying what does not fit.
 
-    The precision is that of its weights: fp16 initializers mean an fp16 model (its I/O stays float32).
-    Refused: I/O of other names, types or shapes (a fixed batch included), weights with NaN or Inf.
+    The precision is that of its weights: fp16 or int8 initializers mean an fp16 or int8 model (its
+    I/O stays float32). Refused: I/O of other names, types or shapes (a fixed batch included), weights
+    with NaN or Inf.
     """
     path = Path(path)
     if not path.is_file():
@@ -95,8 +98,9 @@ def inspect_onnx(path: Path) -> tuple[int, int, str]:
         bad = int((~np.isfinite(numpy_helper.to_array(tensor))).sum()) if tensor.data_type in FLOAT_TYPES else 0
         if bad:
             raise OnnxModelError(f"{path}: weight '{tensor.name}' has {bad} NaN/Inf value{'s' if bad > 1 else ''}; the weights are damaged")
-    fp16 = any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
-    return z_shape[1], image_shape[1], "fp16" if fp16 else "fp32"
+    weight_types = {t.data_type for t in graph.initializer}
+    precision = next((name for kind, name in WEIGHT_PRECISIONS if kind in weight_types), "fp32")
+    return z_shape[1], image_shape[1], precision
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
@@ -131,17 +135,28 @@ class EngineSpec:
     gpu: str
     compute_capability: str
     cuda: str
+    tf32: bool = False  # TensorRT may run fp32 math in TF32; last, with a default, so older manifests still load
 
     @property
     def platform(self) -> Platform:
         return Platform(self.tensorrt, self.gpu, self.compute_capability, self.cuda)
 
 
-def engine_path_for(engine_dir: Path, name: str, platform: Platform) -> Path:
-    """`engines/<name>.<gpu>-sm<cc>.trt<version>.plan`: one file per model, GPU and TensorRT version."""
+def platform_tag(platform: Platform) -> str:
+    """`<gpu>-sm<cc>.trt<version>`, e.g. `nvidia-h100-80gb-hbm3-sm90.trt11.4.0`: what a plan or timing cache fits."""
     gpu = re.sub(r"[^a-z0-9]+", "-", platform.gpu.lower()).strip("-")
     cc = platform.compute_capability.replace(".", "")
-    return Path(engine_dir) / f"{name}.{gpu}-sm{cc}.trt{platform.tensorrt}.plan"
+    return f"{gpu}-sm{cc}.trt{platform.tensorrt}"
+
+
+def engine_path_for(engine_dir: Path, name: str, platform: Platform) -> Path:
+    """`engines/<name>.<platform tag>.plan`: one file per model, GPU and TensorRT version."""
+    return Path(engine_dir) / f"{name}.{platform_tag(platform)}.plan"
+
+
+def timing_cache_path(engine_dir: Path, platform: Platform) -> Path:
+    """Per GPU model, not per compute capability: an H100's timings would steer an H200 build (same sm 9.0)."""
+    return Path(engine_dir) / f"timing-cache.{platform_tag(platform)}.bin"
 
 
 def spec_mismatches(manifest: dict[str, Any] | None, spec: EngineSpec) -> list[str]:

@@ -29,25 +29,28 @@ def export_artifacts(
     name: str | None = None,
     engine_dir: Path = Path("engines"),
     engine: bool | None = None,
-    opt_batch: int = DEFAULT_OPT_BATCH,
+    opt_batch: int | None = None,
     max_batch: int = DEFAULT_MAX_BATCH,
     triton_dir: Path | None = None,
+    data_dir: Path | None = None,
 ) -> ExportReport:
     """Export `checkpoint`'s decoder in each precision, then build its engine and Triton repository.
 
     Args:
         engine: True requires the TensorRT engine, False skips it, None builds it when this machine can.
+        opt_batch: the batch TensorRT tunes for (None: the sampler's CUDA batch, or `max_batch` when smaller).
         triton_dir: where to write a Triton model repository (None: none).
     Raises:
         UserError: bad options, or `engine=True` on a machine that cannot build one.
     """
+    opt_batch = min(DEFAULT_OPT_BATCH, max_batch) if opt_batch is None else opt_batch
     check_profile(opt_batch, max_batch)
     skip_reason = engine_skip_reason() if engine is not False else None
     if engine and skip_reason:
         raise UserError(f"engine: cannot build a TensorRT engine here: {skip_reason}")
     report = ExportReport()
     for precision in precisions:
-        report.onnx[precision] = export_onnx(checkpoint, out_dir, precision, name)
+        report.onnx[precision] = export_onnx(checkpoint, out_dir, precision, name, data_dir)
     if engine is not False:
         if skip_reason:
             report.engine_skipped = skip_reason

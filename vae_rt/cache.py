@@ -50,12 +50,15 @@ def onnx_entry_problem(path: Path, source_sha256: str, precision: str) -> str | 
         io_contract,
         read_manifest,
     )
+    from vae_rt.export import EXPORT_REVISION
 
     manifest = read_manifest(path)
     if manifest is None:
         return "its manifest is missing or unreadable"
     if manifest.get("source_checkpoint", {}).get("sha256") != source_sha256 or manifest.get("precision") != precision:
         return "its manifest describes another checkpoint or precision"
+    if manifest.get("export_revision") != EXPORT_REVISION:
+        return "an older vae-rt exported it"
     if manifest.get("sha256") != sha256_file(path):
         return "its sha256 differs from its manifest's: altered, replaced or truncated"
     try:

@@ -5,7 +5,11 @@ Builders and backends both ask these questions, so the answers live in neither.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from vae_rt.artifacts import Platform
@@ -23,6 +27,17 @@ def available_providers() -> list[str]:
     except ImportError:
         return []
     return list(onnxruntime.get_available_providers())
+
+
+def native_bf16(core: Any | None = None) -> bool:
+    """Whether OpenVINO's CPU plugin reports native bf16 arithmetic on this CPU (False without openvino)."""
+    if core is None:
+        try:
+            import openvino
+        except ImportError:
+            return False
+        core = openvino.Core()
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def engine_skip_reason() -> str | None:
@@ -49,21 +64,45 @@ def current_platform() -> Platform:
     return Platform(trt.__version__, torch.cuda.get_device_name(), f"{major}.{minor}", str(torch.version.cuda))
 
 
-def capturing_logger(trt: Any) -> Any:
-    """A `trt.ILogger` that keeps warnings and errors, since TensorRT reports most failures only there."""
+@functools.cache
+def process_logger(trt: Any) -> Any:
+    """The process's one TensorRT logger, keeping warnings and errors for `collect()`.
+
+    TensorRT reports most failures only through its logger, and keeps the logger as a singleton: the
+    first one given to a Builder or Runtime receives the messages of every later one, so a second
+    logger object would hear nothing. Builds and loads share this one and collect what it says
+    while their own call runs.
+    """
     kept = (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR, trt.ILogger.Severity.WARNING)
 
-    class CapturingLogger(trt.ILogger):
+    class CollectingLogger(trt.ILogger):
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
-            self.messages: list[str] = []
+            self._listeners: list[list[str]] = []
+            self._lock = threading.Lock()  # TensorRT may log from its own threads
 
         def log(self, severity: Any, msg: str) -> None:
+            log.debug("TensorRT: %s", msg)
             if severity in kept:
-                self.messages.append(msg)
-                log.debug("TensorRT: %s", msg)
+                with self._lock:
+                    for messages in self._listeners:
+                        messages.append(msg)
 
-        def last_error(self) -> str:
-            return self.messages[-1] if self.messages else "no message from TensorRT"
+        @contextlib.contextmanager
+        def collect(self) -> Iterator[list[str]]:
+            """The warnings and errors logged while the block runs."""
+            messages: list[str] = []
+            with self._lock:
+                self._listeners.append(messages)
+            try:
+                yield messages
+            finally:
+                with self._lock:
+                    self._listeners.remove(messages)
 
-    return CapturingLogger()
+    return CollectingLogger()
+
+
+def last_message(messages: list[str]) -> str:
+    """What TensorRT said last (its error is the final line), for a one-line failure message."""
+    return messages[-1] if messages else "no message from TensorRT"

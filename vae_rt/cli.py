@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import typer
 from rich.console import Console
@@ -28,8 +28,14 @@ from vae_rt.errors import RuntimeFailure, Terminated, UserError, sigterm_as_inte
 from vae_rt.export import EXPORT_PRECISIONS
 from vae_rt.limits import MAX_COMPARE_COUNT, MAX_EPOCHS, MAX_IW_SAMPLES, MAX_SEED, MAX_Z_DIM
 from vae_rt.output import OUTPUT_DTYPES
+from vae_rt.resolve import PRECISION_CHOICES
 from vae_rt.sampler import MAX_BATCH
 from vae_rt.train import LR_DECAYS, MNIST_TRAIN_SIZE
+
+if TYPE_CHECKING:  # annotations only: the commands import torch and the model when they run
+    import torch
+
+    from vae_rt.model import VAE
 
 
 class OneLineUsageErrors(TyperGroup):
@@ -65,8 +71,8 @@ ModelOption = Annotated[
 # Literal[<tuple>] is Literal[<each value>]: typer offers exactly the library's choices, as plain strings.
 BackendOption = Annotated[Literal[BACKEND_CHOICES], typer.Option(help="Which engine decodes.")]  # type: ignore[valid-type]
 PrecisionOption = Annotated[
-    Literal[PRECISIONS] | None,  # type: ignore[valid-type]
-    typer.Option(help="Default: the fastest safe one for the device."),
+    Literal[PRECISION_CHOICES] | None,  # type: ignore[valid-type]
+    typer.Option(help="Default: the fastest safe one for the device; auto (with --backend auto): the fastest whose quality gate passed."),
 ]
 def check_device(device: str) -> str:
     """One rule for every command: `--device cuda` on a machine without a GPU is refused before any work."""
@@ -198,14 +204,20 @@ def evaluate(
     iw_samples: Annotated[int, typer.Option(min=0, max=MAX_IW_SAMPLES, help="Also estimate -log p(x) with K importance samples (0: skip).")] = 0,
     limit: Annotated[int | None, typer.Option(min=1, help="Score only the first N test images.")] = None,
     seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of the sampling noise.")] = 0,
+    backend: Annotated[str | None, typer.Option(help="Decode on this backend (torch, ort, ...) and gate it against fp32.")] = None,
+    precision: Annotated[str | None, typer.Option(help="The decoder's precision on --backend: fp32, fp16, bf16 or int8.")] = None,
+    device: DeviceOption = "auto",
 ) -> None:
-    """Test loss per image (negative ELBO) and, with --iw-samples, the importance-weighted NLL."""
+    """Test loss per image (negative ELBO); with --backend/--precision, the quality gate of that decoder."""
     from vae_rt.checkpoint import load_checkpoint
     from vae_rt.data import load_mnist
     from vae_rt.evaluate import iw_nll, test_loss, to_pixels
 
     model, _ = load_checkpoint(checkpoint)
     pixels = to_pixels(load_mnist(data_dir)[1])[:limit]
+    if backend is not None or precision is not None:
+        _evaluate_decoder(model, checkpoint, backend or "auto", precision, device, pixels, seed)
+        return
     out.print(f"test loss per image: {test_loss(model, pixels, seed=seed):.2f}  ({len(pixels)} images)")
     if iw_samples:
         with progress_bar() as bar:
@@ -214,31 +226,54 @@ def evaluate(
         out.print(f"-log p(x), {iw_samples} importance samples: {nll:.2f}")
 
 
+def _evaluate_decoder(model: VAE, checkpoint: Path | None, backend: str, precision: str | None, device: str,
+                      pixels: torch.Tensor, seed: int) -> None:
+    """`eval --backend/--precision`: the test loss through that decoder against fp32's (gated where it has a limit)."""
+    from vae_rt.quality import quality_gate
+    from vae_rt.sampler import open_sampler
+
+    with open_sampler(checkpoint, backend, precision, device) as sampler:
+        runs_on = sampler.describe()
+        gate = quality_gate(model, sampler.decode, sampler.backend.precision, pixels, seed)
+    out.print(f"{gate.summary()} with {runs_on}")
+    if not gate:
+        raise RuntimeFailure(f"{runs_on} fails its quality gate")
+
+
 @app.command()
 @handle_errors
 def export(
     checkpoint: Annotated[Path | None, typer.Argument(help="vae-rt checkpoint or the tutorial's state_dict; default: bundled.")] = None,
     out_dir: Annotated[Path, typer.Option(help="Folder for the ONNX files and their manifests.")] = Path("export"),
     engine_dir: Annotated[Path, typer.Option(help="Folder for TensorRT plans, manifests and the timing cache.")] = Path("engines"),
-    precision: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(EXPORT_PRECISIONS)}.")] = ",".join(EXPORT_PRECISIONS),
+    precision: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(EXPORT_PRECISIONS)}.")] = "fp32,fp16",
     max_batch: Annotated[int, typer.Option(min=1, help="Largest batch of the TensorRT profile (and Triton's max_batch_size).")] = DEFAULT_MAX_BATCH,
-    opt_batch: Annotated[int, typer.Option(min=1, help="Batch size TensorRT tunes for.")] = DEFAULT_OPT_BATCH,
+    opt_batch: Annotated[
+        int | None, typer.Option(min=1, help=f"Batch size TensorRT tunes for (default: the sampler's CUDA batch, {DEFAULT_OPT_BATCH}, or --max-batch if smaller).")
+    ] = None,
     engine: Annotated[
         bool | None, typer.Option("--engine/--no-engine", help="Require / skip the TensorRT engine (default: build when possible).")
     ] = None,
     triton: Annotated[Path | None, typer.Option(help="Also write a Triton model repository here.")] = None,
     name: Annotated[str | None, typer.Option(help="Base name of the files (default: the checkpoint's name).")] = None,
+    data_dir: DataDirOption = None,
 ) -> None:
-    """Export the decoder to ONNX (fp32, fp16), check it on ONNX Runtime, and build a TensorRT engine."""
+    """Export the decoder to ONNX (fp32, fp16, int8), check it on ONNX Runtime, and build a TensorRT engine.
+
+    fp16 and int8 must pass their quality gate on the MNIST test set (int8 is calibrated on the
+    training set); a file that fails is not written.
+    """
     from vae_rt.build import export_artifacts
     from vae_rt.export import FP16_MAX
 
     precisions = _split_choices("--precision", precision, EXPORT_PRECISIONS)
-    if opt_batch > max_batch:
+    if opt_batch is not None and opt_batch > max_batch:
         raise UserError(f"--opt-batch must be at most --max-batch ({max_batch}), got {opt_batch}")
-    report = export_artifacts(checkpoint, out_dir, precisions, name, engine_dir, engine, opt_batch, max_batch, triton)
+    report = export_artifacts(checkpoint, out_dir, precisions, name, engine_dir, engine, opt_batch, max_batch, triton, data_dir)
     for p, result in report.onnx.items():
         out.print(f"wrote {result.path}  ({result.parity.summary()})")
+        if result.quality is not None:
+            out.print(f"  quality gate: {result.quality.summary()}")
         if p == "fp16":
             peak = max(result.activation_peak.values())
             verdict = "within fp16 range" if peak <= FP16_MAX else f"BEYOND fp16 range ({FP16_MAX:g}): expect Inf/NaN"
@@ -317,29 +352,42 @@ def compare(
     device: DeviceOption = "auto",
     n: Annotated[int, typer.Option("-n", "--count", min=1, max=MAX_COMPARE_COUNT, help="Normal latents (tail points are added).")] = 1000,
     seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of the latents.")] = 0,
+    quality: Annotated[bool, typer.Option(help="Also gate each pair on the MNIST test loss (against fp32's).")] = True,
+    data_dir: DataDirOption = None,
 ) -> None:
-    """Parity report: every backend/precision against the torch fp32 reference on the same latents."""
+    """Parity report: every backend/precision against the torch fp32 reference on the same latents.
+
+    The "Δ test loss" column is each decoder's test loss minus fp32's, in nats per image (the
+    quality gate: at most +0.05 for fp16/bf16, +0.5 for int8).
+    """
     from vae_rt.compare import run_comparisons
 
-    rows = run_comparisons(model, *_backends_and_precisions(backends, precisions), device, n, seed)
-    table = Table("backend", "precision", "runs on", "max abs", "mean abs", "median abs", "worst", "NaN/Inf", "result")
+    test_pixels = None
+    if quality:
+        from vae_rt.data import load_mnist
+        from vae_rt.evaluate import to_pixels
+
+        test_pixels = to_pixels(load_mnist(data_dir)[1])
+    rows = run_comparisons(model, *_backends_and_precisions(backends, precisions), device, n, seed, test_pixels)
+    table = Table("backend", "precision", "runs on", "max abs", "mean abs", "Δ test loss", "median abs", "worst", "NaN/Inf", "result")
     failed = False
     for row in rows:
         if row.report is None:
-            table.add_row(row.backend, row.precision, "-", "", "", "", "", "", Text("skipped", style="yellow"))
+            table.add_row(row.backend, row.precision, "-", "", "", "", "", "", "", Text("skipped", style="yellow"))
             continue
-        r = row.report
-        failed |= not r.passed
+        r, q = row.report, row.quality
+        failed |= not row.passed
+        loss = "-" if q is None else f"{q.delta:+.3f}" + (f" (≤{q.limit:g})" if q.limit is not None else "")
         table.add_row(
-            row.backend, row.precision, row.runs_on, f"{r.max_abs:.3g}", f"{r.mean_abs:.3g}", f"{r.median_abs:.3g}",
-            str(r.worst_sample), f"{r.nan_count}/{r.inf_count}", Text("PASS", style="green") if r.passed else Text("FAIL", style="red"),
+            row.backend, row.precision, row.runs_on, f"{r.max_abs:.3g}", f"{r.mean_abs:.3g}", loss, f"{r.median_abs:.3g}",
+            str(r.worst_sample), f"{r.nan_count}/{r.inf_count}", Text("PASS", style="green") if row.passed else Text("FAIL", style="red"),
         )
     print_table(table)
     for row in rows:
         if row.skipped:
             out.print(f"skipped {row.backend} {row.precision}: {row.skipped}")
     if failed:
-        raise RuntimeFailure("some backends disagree with the torch fp32 reference beyond tolerance")
+        raise RuntimeFailure("some backends disagree with the torch fp32 reference beyond tolerance or fail their quality gate")
 
 
 @app.command()
@@ -347,16 +395,18 @@ def compare(
 def bench(
     model: ModelOption = None,
     backends: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(BACKEND_CHOICES)}.")] = ",".join(BACKEND_CHOICES),
-    precisions: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(PRECISIONS)}.")] = ",".join(PRECISIONS),
+    precisions: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(PRECISIONS)}.")] = "fp32,fp16,bf16",  # int8 on request: its export needs MNIST
     device: DeviceOption = "auto",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,64,1024,8192",
     duration: Annotated[float, typer.Option(help="Seconds timed per row, spread over 5 interleaved rounds (after warm-up).")] = 1.0,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a samples/s-vs-batch plot (PNG).")] = None,
+    peers: Annotated[bool, typer.Option(help="Also time torch.compile, raw ONNX Runtime, raw OpenVINO f32/bf16 and ORT int8.")] = False,
 ) -> None:
     """Latency and throughput of every backend/precision available here, in one run (trtexec-style)."""
     from vae_rt.bench import bench_targets, describe_machine, plot_throughput, run_benchmarks, write_report
     from vae_rt.files import check_file_target
+    from vae_rt.peers import PEERS
 
     try:
         sizes = [int(b) for b in _split(batch_sizes)]
@@ -367,9 +417,11 @@ def bench(
             check_file_target(option, path)
     targets = bench_targets(*_backends_and_precisions(backends, precisions), device)
     with err.status("benchmarking") as status:
-        rows, peak = run_benchmarks(targets, sizes, model, duration, on_row=lambda r: status.update(f"{r.runs_on}, batch {r.batch}"))
+        rows, limits = run_benchmarks(targets, sizes, model, duration, on_row=lambda r: status.update(f"{r.runs_on}, batch {r.batch}"),
+                                      peers=tuple(PEERS) if peers else ())
     machine = describe_machine()
-    out.print(f"CPU float32 matmul peak, measured in the same run: {peak:.1f} GFLOP/s ({machine})")
+    rates = ", ".join(f"{precision} {gflops:.1f}" for precision, gflops in limits.items())
+    out.print(f"CPU matmul limit (best GEMM rate, GFLOP/s), measured in the same run: {rates} ({machine})")
     table = Table("backend", "prec", "device", "batch", "samples/s", "p50 ms", "p99 ms", "GFLOP/s", "vs eager", "% peak", "CV")
     for r in rows:
         if not r.iterations:
@@ -388,11 +440,50 @@ def bench(
     if any(r.notes for r in rows):
         out.print("! = noisy (CV above 10%): close other programs or raise --duration")
     if json_path is not None:
-        write_report(json_path, rows, peak, machine)
+        write_report(json_path, rows, limits, machine)
         out.print(f"wrote {json_path}")
     if plot is not None:
         plot_throughput(rows, plot)
         out.print(f"wrote {plot}")
+
+
+@app.command()
+@handle_errors
+def serve(
+    model: ModelOption = None,
+    backend: BackendOption = "auto",
+    precision: PrecisionOption = None,
+    device: DeviceOption = "auto",
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 for every interface.")] = "127.0.0.1",
+    http_port: Annotated[int, typer.Option(min=1, max=65535, help="Triton's HTTP/REST port.")] = 8000,
+    grpc_port: Annotated[int, typer.Option(min=1, max=65535, help="Triton's gRPC port.")] = 8001,
+    metrics_port: Annotated[int, typer.Option(min=1, max=65535, help="Triton's Prometheus metrics port.")] = 8002,
+    max_batch: Annotated[int, typer.Option(min=1, help="Largest batch Triton forms (and accepts in one request).")] = 8192,
+    max_queue_delay_us: Annotated[
+        int, typer.Option(min=0, help="How long Triton may hold a request to batch it with others.")
+    ] = 500,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="CPU threads of a decode (default: torch's); fewer leave cores to Triton.")
+    ] = None,
+    triton_log: Annotated[bool, typer.Option(help="Show Triton's own log (else it is discarded).")] = False,
+) -> None:
+    """Serve the decoder over Triton's HTTP/gRPC protocol (model vae_decoder), with dynamic batching."""
+    from vae_rt.serve_options import ServeOptions
+
+    options = ServeOptions(host, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us, triton_log)
+    options.check()  # before the model loads: a busy port is one line at once
+    logging.getLogger("pytriton.proxy.inference").setLevel(logging.ERROR)  # repeats serve's warning with a traceback
+    import torch
+
+    from vae_rt.sampler import open_sampler
+    from vae_rt.serve import serve as run_server
+    from vae_rt.serve import startup_line
+
+    if threads is not None:
+        torch.set_num_threads(threads)  # ONNX Runtime's sessions take torch's thread count too
+    with open_sampler(model, backend, precision, device) as sampler:
+        run_server(sampler, options, on_ready=lambda: out.print(startup_line(sampler.describe(), options)))
+    err.print("stopped: every accepted request was answered")
 
 
 @app.command()

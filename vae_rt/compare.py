@@ -1,4 +1,7 @@
-"""Parity report across backends (Polygraphy-style): each backend/precision against torch fp32, same latents."""
+"""Parity report across backends (Polygraphy-style): each backend/precision against torch fp32, same latents.
+
+Beside the pixel errors, each pair's quality gate (`vae_rt.quality`) when test images are given.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from vae_rt.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
 from vae_rt.errors import UserError
 from vae_rt.limits import MAX_COMPARE_COUNT, check_between
 from vae_rt.parity import ParityReport, compare, tail_latents
+from vae_rt.quality import QualityGate, quality_gate
 from vae_rt.resolve import artifact_kind
 from vae_rt.sampler import draw_latents, open_sampler
 
@@ -23,12 +27,21 @@ class Comparison:
     runs_on: str = ""
     report: ParityReport | None = None
     skipped: str | None = None  # why this pair could not run here
+    quality: QualityGate | None = None
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.report) and (self.quality is None or self.quality.passed)
 
 
 def run_comparisons(
-    model: Path | None, backends: list[str], precisions: list[str], device: str, n: int, seed: int
+    model: Path | None, backends: list[str], precisions: list[str], device: str, n: int, seed: int,
+    test_pixels: torch.Tensor | None = None,
 ) -> list[Comparison]:
-    """Decode n seeded normal latents plus the tail points on every pair that can run here."""
+    """Decode n seeded normal latents plus the tail points on every pair that can run here.
+
+    With `test_pixels` (float32 [N, 784], `evaluate.to_pixels`), each pair's quality gate too.
+    """
     resolve_device(device)  # --device cuda without a GPU: an error, as in every command, not a report of skipped rows
     check_between("n", n, 1, MAX_COMPARE_COUNT)
     checkpoint = Path(model) if model is not None else BUNDLED_CHECKPOINT
@@ -46,8 +59,9 @@ def run_comparisons(
                 with open_sampler(checkpoint, backend, precision, device) as sampler:
                     images = sampler.decode(latents)
                     runs_on = sampler.describe()
+                    quality = None if test_pixels is None else quality_gate(reference_model, sampler.decode, precision, test_pixels)
             except UserError as error:
                 results.append(Comparison(backend, precision, skipped=str(error)))
                 continue
-            results.append(Comparison(backend, precision, runs_on, compare(reference, images, precision)))
+            results.append(Comparison(backend, precision, runs_on, compare(reference, images, precision), quality=quality))
     return results

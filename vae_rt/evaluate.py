@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from vae_rt.model import VAE, elbo_loss, importance_weighted_nll
+from vae_rt.model import VAE, elbo_loss, importance_weighted_nll, reparameterize
 
 
 def to_pixels(images: torch.Tensor) -> torch.Tensor:
@@ -14,14 +14,23 @@ def to_pixels(images: torch.Tensor) -> torch.Tensor:
     return images.reshape(images.shape[0], -1).float().div_(255)
 
 
+Decode = Callable[[torch.Tensor], torch.Tensor]  # float32 [B, z_dim] -> images [B, 784] or [B, 1, 28, 28]
+
+
 @torch.no_grad()
-def test_loss(model: VAE, pixels: torch.Tensor, batch_size: int = 1000, seed: int = 0) -> float:
-    """Mean negative ELBO per image (summed over the set, divided by its size, like the tutorial)."""
+def test_loss(model: VAE, pixels: torch.Tensor, batch_size: int = 1000, seed: int = 0, decode: Decode | None = None) -> float:
+    """Mean negative ELBO per image (summed over the set, divided by its size, like the tutorial).
+
+    `decode` stands in for the model's own decoder (a backend in another precision): the encoder and
+    the seeded noise stay the model's, so two decoders are scored on the very same latents.
+    """
+    decode = decode or model.decode
     torch.manual_seed(seed)  # the reparameterisation noise, so the same model scores the same
     total = 0.0
     for start in range(0, len(pixels), batch_size):
         x = pixels[start : start + batch_size]
-        recon, mu, log_var = model(x)
+        mu, log_var = model.encode(x)
+        recon = decode(reparameterize(mu, log_var)).reshape(x.shape).to(x.device)
         total += elbo_loss(recon, x, mu, log_var).item()
     return total / len(pixels)
 

@@ -1,7 +1,8 @@
-"""Decoder -> ONNX (fp32, and fp16 weights with float32 I/O for a strongly typed TensorRT build).
+"""Decoder -> ONNX: fp32; fp16 weights with float32 I/O (for a strongly typed TensorRT build); int8 QDQ.
 
 Every export is checked before it is renamed into place: `onnx.checker`, strict shape inference,
-then ONNX Runtime (CPU provider) against the torch fp32 decoder on seeded and tail latents. A
+then ONNX Runtime (CPU provider) against the torch fp32 decoder on seeded and tail latents, and a
+reduced precision must also pass its quality gate on the MNIST test set (`vae_rt.quality`). A
 manifest JSON beside the file records where it came from and how well it matched.
 Run it with `vae-rt export CKPT`.
 """
@@ -10,10 +11,13 @@ from __future__ import annotations
 
 import copy
 import logging
+import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -22,28 +26,40 @@ from torch import nn
 from vae_rt import __version__
 from vae_rt.artifacts import io_contract, onnx_path_for, write_manifest
 from vae_rt.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
+from vae_rt.data import load_mnist
 from vae_rt.errors import RuntimeFailure, UserError, require
+from vae_rt.evaluate import to_pixels
 from vae_rt.files import atomic_path, make_dir, sha256_file
 from vae_rt.model import INPUT_NAME, OUTPUT_NAME, VAE, Decoder
 from vae_rt.parity import ParityReport, compare, parity_latents
+from vae_rt.quality import QualityGate, quality_gate
 
 log = logging.getLogger(__name__)
 
 OPSET = 18  # torchlib's base opset: no version conversion, stable across torch releases
+EXPORT_REVISION = 2  # raised whenever the exported graph changes (2: fp32 sigmoid in fp16/int8), so caches re-export
 FP16_MAX = 65504.0
-EXPORT_PRECISIONS = ("fp32", "fp16")
+EXPORT_PRECISIONS = ("fp32", "fp16", "int8")
 VALIDATION_BATCHES = (1, 7, None)  # None: every latent, tails included
 
 
-class HalfDecoder(nn.Module):
-    """fp16 weights and arithmetic behind float32 I/O: `Cast -> Gemm/Relu x3 -> Sigmoid -> Cast` in ONNX."""
+class ReducedDecoder(nn.Module):
+    """Layers in `dtype` behind float32 I/O, the sigmoid in float32: `Cast -> Gemm/Relu x3 -> Cast -> sigmoid`.
 
-    def __init__(self, decoder: Decoder):
+    The sigmoid is written out as 1 / (1 + exp(-x)): ONNX Runtime's CPU Sigmoid returns exactly 0
+    below x = -16 and loses relative precision in 1 - p near 1, which alone costs +0.46 nats of test
+    loss (docs/quality.md); an fp16 sigmoid, saturating at 1 - 2^-11, costs as much. Both would
+    spend a reduced-precision model's whole quality budget.
+    """
+
+    def __init__(self, decoder: Decoder, dtype: torch.dtype):
         super().__init__()
-        self.decoder = copy.deepcopy(decoder).half()
+        self.dtype = dtype
+        self.decoder = copy.deepcopy(decoder).to(dtype)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z.half()).float()
+        logits = self.decoder.logits(z.to(self.dtype)).float()
+        return torch.reciprocal(1 + torch.exp(-logits))
 
 
 @dataclass(frozen=True)
@@ -53,14 +69,21 @@ class ExportedModel:
     precision: str
     parity: ParityReport
     activation_peak: dict[str, float]
+    quality: QualityGate | None = None  # None for fp32, which is held to max-abs parity instead
 
 
-def export_onnx(checkpoint: Path | None, out_dir: Path, precision: str = "fp32", name: str | None = None) -> ExportedModel:
+def export_onnx(
+    checkpoint: Path | None, out_dir: Path, precision: str = "fp32", name: str | None = None, data_dir: Path | None = None
+) -> ExportedModel:
     """Export the decoder of `checkpoint` (the bundled model when None) to `out_dir/<name>.<precision>.onnx`.
 
+    fp16 and int8 need MNIST (`data_dir`, else $VAE_RT_MNIST_DIR, else a download): the test set for
+    the quality gate, and for int8 the training set to calibrate on.
+
     Raises:
-        UserError: unreadable checkpoint, unknown precision, unwritable folder.
-        RuntimeFailure: the exported model disagrees with torch beyond the parity tolerance (docs/backends.md).
+        UserError: unreadable checkpoint, unknown precision, unwritable folder, MNIST not found.
+        RuntimeFailure: the exported model disagrees with torch beyond the parity tolerance (docs/backends.md),
+            or fails its quality gate; nothing is written then.
     """
     if precision not in EXPORT_PRECISIONS:
         raise UserError(f"precision must be one of {', '.join(EXPORT_PRECISIONS)}, got {precision!r}")
@@ -70,13 +93,22 @@ def export_onnx(checkpoint: Path | None, out_dir: Path, precision: str = "fp32",
     model, _ = load_checkpoint(source)
     out_dir = make_dir(out_dir, "out_dir")
     path = onnx_path_for(out_dir, name or source.stem, precision)
-    decoder = model.decoder() if precision == "fp32" else HalfDecoder(model.decoder())
+    train_pixels, test_pixels = (to_pixels(images) for images in load_mnist(data_dir)) if precision != "fp32" else (None, None)
+    quantization, gate = None, None
     with atomic_path(path) as tmp:
-        _torch_export(decoder, model.config.z_dim, tmp)
+        if precision == "int8":
+            quantization = _export_int8(model, tmp, train_pixels)
+        else:
+            decoder = model.decoder() if precision == "fp32" else ReducedDecoder(model.decoder(), torch.float16)
+            _torch_export(decoder, model.config.z_dim, tmp)
         check_onnx(tmp)
         parity = validate_with_ort(tmp, model, precision)
         if not parity:
             raise RuntimeFailure(f"{path.name}: ONNX Runtime disagrees with torch: {parity.summary()}")
+        if precision != "fp32":
+            gate = gate_with_ort(tmp, model, precision, test_pixels)
+            if not gate:
+                raise RuntimeFailure(f"{path.name} not written: quality gate {gate.summary()}")
     peaks = activation_peaks(model, parity_latents(model.config.z_dim))
     if precision == "fp16" and max(peaks.values()) > FP16_MAX:
         log.warning("%s: activations reach %.4g, beyond fp16's %g: expect Inf/NaN", path.name, max(peaks.values()), FP16_MAX)
@@ -86,6 +118,7 @@ def export_onnx(checkpoint: Path | None, out_dir: Path, precision: str = "fp32",
         "sha256": sha256_file(path),
         "precision": precision,
         "opset": OPSET,
+        "export_revision": EXPORT_REVISION,
         "source_checkpoint": {"path": str(source), "sha256": sha256_file(source)},
         "model_config": model.config.as_dict(),
         **io_contract(model.config.z_dim, model.config.x_dim),
@@ -94,8 +127,22 @@ def export_onnx(checkpoint: Path | None, out_dir: Path, precision: str = "fp32",
         "activation_peak_abs": peaks,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if gate is not None:
+        manifest["quality_gate"] = {"provider": "CPUExecutionProvider", **gate.as_dict()}
+    if quantization is not None:
+        manifest["quantization"] = quantization
     manifest_path = write_manifest(path, manifest)
-    return ExportedModel(path, manifest_path, precision, parity, peaks)
+    return ExportedModel(path, manifest_path, precision, parity, peaks, gate)
+
+
+def _export_int8(model: VAE, path: Path, train_pixels: torch.Tensor) -> dict[str, Any]:
+    """The fp32 graph (with the exact sigmoid), quantized to static QDQ int8 into `path`; returns the settings."""
+    from vae_rt.quantize import calibration_latents, quantize_int8
+
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".int8-") as work:
+        fp32_path = Path(work) / "decoder.fp32.onnx"
+        _torch_export(ReducedDecoder(model.decoder(), torch.float32), model.config.z_dim, fp32_path)
+        return quantize_int8(fp32_path, path, calibration_latents(model, train_pixels))
 
 
 def _torch_export(module: nn.Module, z_dim: int, path: Path) -> None:
@@ -132,17 +179,32 @@ def validate_with_ort(path: Path, model: VAE, precision: str) -> ParityReport:
     Batches of 1, 7 and all ~1000 latents each run on their own (the dynamic batch axis is part of
     the contract); the report covers all of their outputs together.
     """
-    ort = require("onnxruntime", extra="cpu")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    decode = ort_cpu_decoder(path)
     latents = parity_latents(model.config.z_dim)  # 1000 normal draws, then the tail points
     reference, candidate = [], []
     with torch.no_grad():
         for batch in VALIDATION_BATCHES:
             z = latents[:batch]
             reference.append(model.decode(z))
-            (images,) = session.run([OUTPUT_NAME], {INPUT_NAME: z.numpy()})
-            candidate.append(torch.from_numpy(images))
+            candidate.append(decode(z))
     return compare(torch.cat(reference), torch.cat(candidate), precision)
+
+
+def gate_with_ort(path: Path, model: VAE, precision: str, test_pixels: torch.Tensor) -> QualityGate:
+    """The quality gate of the ONNX file `path`, decoded on the ORT CPU provider."""
+    return quality_gate(model, ort_cpu_decoder(path), precision, test_pixels)
+
+
+def ort_cpu_decoder(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """float32 [B, z_dim] -> [B, 784] through one ORT CPU session of the file `path`."""
+    ort = require("onnxruntime", extra="cpu")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        (images,) = session.run([OUTPUT_NAME], {INPUT_NAME: z.numpy()})
+        return torch.from_numpy(images)
+
+    return decode
 
 
 @torch.no_grad()

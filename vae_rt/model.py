@@ -95,8 +95,13 @@ class VAE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mu, log_var = self.encode(x.view(-1, self.config.x_dim))
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * log_var)
-        return self.decode(z), mu, log_var
+        return self.decode(reparameterize(mu, log_var)), mu, log_var
+
+
+def reparameterize(mu: torch.Tensor, log_var: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A draw from q(z|x) = N(mu, exp(log_var)), from `generator` (torch's global one when None)."""
+    noise = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
+    return mu + noise * torch.exp(0.5 * log_var)
 
 
 def elbo_loss(recon: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from torchvision.utils import save_image
 from vae_rt.direct_io import open_append_stream
 from vae_rt.errors import RuntimeFailure, UserError
 from vae_rt.files import BLOCK, atomic_path, block_aligned_empty, check_file_target, check_free_space
+from vae_rt.host_copy import DeviceToHost
 from vae_rt.model import IMAGE_SHAPE
 
 PNG_MAX_IMAGES = 10_000  # a 100 x 100 grid (2,800 px square); beyond that write .npy
@@ -88,11 +89,13 @@ def stream_npy(
 ) -> None:
     """Write `n` images arriving in `batches` as one `.npy` of shape [n, 1, 28, 28], in bounded memory.
 
-    The host copy, the write and (for CPU batches) the uint8 conversion run on a writer thread while
-    the caller decodes the next batch; GPU batches are converted on the device, before the copy.
+    The write and (for CPU batches) the uint8 conversion run on a writer thread while the caller
+    decodes the next batch. GPU batches are converted on the device, then copied into pinned, reused
+    host buffers on a side stream; the writer waits on each batch's event.
     Not fsync'ed: the rename alone keeps an interrupted run from leaving a partial file under `path`.
     """
-    pending: queue.Queue[torch.Tensor | None] = queue.Queue(maxsize=QUEUE_DEPTH)
+    pending: queue.Queue[tuple[torch.Tensor, torch.cuda.Event | None] | None] = queue.Queue(maxsize=QUEUE_DEPTH)
+    to_host: DeviceToHost | None = None  # made at the first GPU batch
     failure: list[BaseException] = []
     as_uint8 = dtype == "uint8"
     with atomic_path(Path(path)) as tmp, open_append_stream(tmp, npy_header(dtype, (n, *IMAGE_SHAPE))) as f:
@@ -100,8 +103,11 @@ def stream_npy(
 
         def write_all() -> None:
             try:
-                while (batch := pending.get()) is not None:
-                    array = batch.cpu().contiguous().numpy()
+                while (item := pending.get()) is not None:
+                    batch, copied = item
+                    if copied is not None:
+                        copied.synchronize()
+                    array = batch.contiguous().numpy()
                     if as_uint8 and array.dtype != np.uint8:
                         array = _to_uint8_single_thread(array, scratch)
                     f.write(array)  # buffer protocol: no copy into bytes first
@@ -117,7 +123,11 @@ def stream_npy(
             for images in batches:
                 if failure:  # the disk filled up or went away: decoding the rest would only waste time
                     break
-                pending.put(to_uint8(images) if as_uint8 and images.is_cuda else images)
+                if images.is_cuda:
+                    to_host = to_host or DeviceToHost(RING_SIZE)  # slots outlast the queue: see RING_SIZE
+                    pending.put(to_host.copy(to_uint8(images) if as_uint8 else images))
+                else:
+                    pending.put((images, None))
                 written += len(images)
                 if on_batch is not None:
                     on_batch(len(images))

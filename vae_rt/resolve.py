@@ -12,25 +12,27 @@ from pathlib import Path
 
 import torch
 
-from vae_rt.artifacts import onnx_path_for
+from vae_rt.artifacts import inspect_onnx, onnx_path_for
 from vae_rt.backends import BACKEND_CHOICES, DEVICES, PRECISIONS, BaseBackend, check_choice, get_backend, resolve_device
 from vae_rt.cache import cache_error, cache_folder, describe, onnx_entry_problem
-from vae_rt.capabilities import CUDA_EP, available_providers, engine_skip_reason
+from vae_rt.capabilities import CUDA_EP, available_providers, engine_skip_reason, native_bf16
 from vae_rt.checkpoint import BUNDLED_CHECKPOINT, read_checkpoint
-from vae_rt.engine import build_engine
+from vae_rt.engine import DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, build_engine
 from vae_rt.errors import UserError
-from vae_rt.export import export_onnx
+from vae_rt.export import EXPORT_PRECISIONS, export_onnx
 from vae_rt.files import sha256_file
 
 log = logging.getLogger(__name__)
 notice = logging.getLogger("vae_rt.notice")  # slow one-time work a user should hear about even without -v
 
 ENGINE_DIR_ENV = "VAE_RT_ENGINE_DIR"
+PRECISION_CHOICES = (*PRECISIONS, "auto")  # auto: the fastest precision whose quality gate passed (CPU)
 KINDS = {".pth": "checkpoint", ".pt": "checkpoint", ".onnx": "onnx", ".plan": "plan", ".engine": "plan"}
 
 
 def resolve_backend(
-    model: str | Path | None, backend: str, precision: str | None, device: str, cuda_graphs: bool = True
+    model: str | Path | None, backend: str, precision: str | None, device: str, cuda_graphs: bool = True,
+    serving_batch: int = DEFAULT_OPT_BATCH,
 ) -> tuple[BaseBackend, str | None]:
     """The backend that serves `model` (the bundled checkpoint when None), and why, when `backend` was 'auto'.
 
@@ -40,14 +42,49 @@ def resolve_backend(
     check_choice("backend", backend, BACKEND_CHOICES)
     check_choice("device", device, DEVICES)
     if precision is not None:
-        check_choice("precision", precision, PRECISIONS)
+        check_choice("precision", precision, PRECISION_CHOICES)
+    if precision == "auto" and backend != "auto":
+        raise UserError("precision auto needs backend auto")
     path = Path(model) if model is not None else BUNDLED_CHECKPOINT
     kind = artifact_kind(path)
     why = None
     if backend == "auto":
-        backend, device, why = choose_backend(kind, precision, device)
+        # precision 'auto' on a GPU is its default already: fp16, the fastest that passes parity
+        backend, device, why = choose_backend(kind, None if precision == "auto" else precision, device)
+        if device == "cpu" and kind != "plan":
+            chosen, why = cpu_auto_backend(path, kind, precision)
+        else:
+            chosen = create_backend(backend, path, kind, precision, device, cuda_graphs, serving_batch)
         log.info("backend auto: %s", why)
-    return create_backend(backend, path, kind, precision, device, cuda_graphs), why
+        return chosen, why
+    return create_backend(backend, path, kind, precision, device, cuda_graphs, serving_batch), why
+
+
+def cpu_auto_backend(path: Path, kind: str, precision: str | None) -> tuple[BaseBackend, str]:
+    """`auto` on the CPU, and why: the engines that can serve `precision` here, chosen per batch size by a cached timing run."""
+    from vae_rt.backends.auto import AutoBackend
+    from vae_rt.tuning import allowed_precisions, candidate_engines
+
+    installed = {"torch"} | ({"ort"} if available_providers() else set()) | ({"openvino"} if _installed("openvino") else set())
+    z_dim, _, stored = inspect_onnx(path) if kind == "onnx" else (read_checkpoint(path)["config"].z_dim, 0, "fp32")
+    precisions = allowed_precisions(precision, gates_passed=[]) if stored == "fp32" else [stored]
+    engines = candidate_engines(precisions, kind, stored, installed, native_bf16())
+    if not engines:
+        raise UserError(f"no CPU backend can run {path} in {', '.join(precisions)} here")
+
+    def make(backend: str, engine_precision: str) -> BaseBackend:
+        return create_backend(backend, path, kind, engine_precision, "cpu", cuda_graphs=False)
+
+    if len(engines) == 1:  # nothing to choose between, nothing to time
+        return make(*engines[0]), f"{' '.join(engines[0])} is the only CPU engine for {', '.join(precisions)} here"
+    auto = AutoBackend(engines, make, sha256_file(path), z_dim).open()
+    return auto, auto.why
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def artifact_kind(path: Path) -> str:
@@ -70,19 +107,21 @@ def choose_backend(kind: str, precision: str | None, device: str) -> tuple[str, 
     if kind == "plan":
         return "trt", "cuda", "a TensorRT plan runs only on trt"
     candidates = []
-    no_bf16_onnx = "vae-rt exports ONNX in fp32 and fp16 only" if precision == "bf16" else None
+    no_bf16_onnx = "vae-rt exports ONNX in fp32, fp16 and int8 only" if precision == "bf16" else None
+    no_torch_int8 = "torch has no int8 decoder" if precision == "int8" else None
     if gpu:
         trt_reason = engine_skip_reason() or ("trt serves fp16 only" if precision not in (None, "fp16") else None)
         candidates += [("trt", "cuda", trt_reason)]
         ort_reason = None if CUDA_EP in available_providers() else "onnxruntime has no CUDAExecutionProvider"
-        candidates += [("ort", "cuda", ort_reason or no_bf16_onnx)]
-        candidates += [("torch", "cuda", "an ONNX file cannot run on torch" if kind == "onnx" else None)]
+        int8_on_cpu = "the int8 model is checked and served on the CPU provider" if precision == "int8" else None
+        candidates += [("ort", "cuda", ort_reason or no_bf16_onnx or int8_on_cpu)]
+        candidates += [("torch", "cuda", "an ONNX file cannot run on torch" if kind == "onnx" else no_torch_int8)]
     elif device == "auto":
         skipped.append("GPU backends: torch sees no CUDA GPU")
     cpu_ort_reason = None if available_providers() else "onnxruntime is not installed (pip install 'vae-rt[cpu]')"
     if device != "cuda":  # "auto" falls back to the CPU; an explicit "cuda" never does
         candidates += [("ort", "cpu", cpu_ort_reason or no_bf16_onnx)]
-        candidates += [("torch", "cpu", "an ONNX file cannot run on torch" if kind == "onnx" else None)]
+        candidates += [("torch", "cpu", "an ONNX file cannot run on torch" if kind == "onnx" else no_torch_int8)]
     for name, dev, reason in candidates:
         if reason is None:
             because = f" (skipped: {'; '.join(skipped)})" if skipped else ""
@@ -91,7 +130,10 @@ def choose_backend(kind: str, precision: str | None, device: str) -> tuple[str, 
     raise UserError("no backend can run this model here: " + "; ".join(skipped))
 
 
-def create_backend(backend: str, path: Path, kind: str, precision: str | None, device: str, cuda_graphs: bool) -> BaseBackend:
+def create_backend(
+    backend: str, path: Path, kind: str, precision: str | None, device: str, cuda_graphs: bool,
+    serving_batch: int = DEFAULT_OPT_BATCH,
+) -> BaseBackend:
     """Backend `backend` on the artifact it needs, exported or built (and cached) from a checkpoint when needed."""
     on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if backend == "torch":
@@ -105,17 +147,22 @@ def create_backend(backend: str, path: Path, kind: str, precision: str | None, d
         ort_on_gpu = on_gpu and CUDA_EP in available_providers()
         onnx_path = path if kind == "onnx" else cached_onnx(path, precision or ("fp16" if ort_on_gpu else "fp32"))
         return get_backend("ort", onnx_path=onnx_path, precision=precision, device=device)
+    if backend == "openvino":
+        if kind == "plan":
+            raise UserError(f"backend openvino needs a checkpoint or an ONNX file, got the TensorRT plan {path}")
+        onnx_path = path if kind == "onnx" else cached_onnx(path, "fp32")  # its precision is a hint on the fp32 model
+        return get_backend("openvino", onnx_path=onnx_path, precision=precision, device=device)
     reason = engine_skip_reason()
     if reason:
         raise UserError(f"backend trt: {reason}")
-    engine_path = path if kind == "plan" else cached_engine(path, kind)
+    engine_path = path if kind == "plan" else cached_engine(path, kind, serving_batch)
     return get_backend("trt", engine_path=engine_path, precision=precision, device=device, cuda_graphs=cuda_graphs)
 
 
 def cached_onnx(checkpoint: Path, precision: str) -> Path:
     """The ONNX export of `checkpoint`, made once per checkpoint content and precision."""
-    if precision not in ("fp32", "fp16"):
-        raise UserError(f"backend ort serves fp32 or fp16 models, not {precision}")
+    if precision not in EXPORT_PRECISIONS:
+        raise UserError(f"backend ort serves {', '.join(EXPORT_PRECISIONS)} models, not {precision}")
     digest = sha256_file(checkpoint)
     out_dir = cache_folder("onnx")
     path = onnx_path_for(out_dir, digest[:16], precision)
@@ -132,11 +179,17 @@ def cached_onnx(checkpoint: Path, precision: str) -> Path:
         raise cache_error(path, err.strerror or str(err)) from err
 
 
-def cached_engine(path: Path, kind: str) -> Path:
-    """A TensorRT plan for a checkpoint or ONNX file, built once per content, GPU and TensorRT version."""
+def cached_engine(path: Path, kind: str, serving_batch: int = DEFAULT_OPT_BATCH) -> Path:
+    """A TensorRT plan for a checkpoint or ONNX file, built once per content, GPU, TensorRT version and batch size.
+
+    The profile's opt batch is the batch that will serve (the backend chunks at the profile max):
+    TensorRT picks its kernels for that one size.
+    """
     onnx_path = path if kind == "onnx" else cached_onnx(path, "fp16")
     engine_dir = Path(os.environ[ENGINE_DIR_ENV]) if os.environ.get(ENGINE_DIR_ENV) else cache_folder("engines")
-    plan, built = build_engine(onnx_path, engine_dir, name=onnx_path.name.removesuffix(".onnx"))
+    opt_batch = min(serving_batch, DEFAULT_MAX_BATCH)
+    name = f"{onnx_path.name.removesuffix('.onnx')}.opt{opt_batch}"  # one file per opt batch: no rebuild when sizes alternate
+    plan, built = build_engine(onnx_path, engine_dir, name, opt_batch, opt_batch_is="the sampler's batch size")
     if built:
         notice.info("built the TensorRT engine %s (once; cached)", plan)
     return plan

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vae_rt.backends import BaseBackend, check_out, chunk_bounds
+from vae_rt.backends import BaseBackend, check_out, chunk_bounds, latent_rows
 from vae_rt.errors import UserError
 from vae_rt.files import block_aligned_empty
 from vae_rt.limits import check_seed
@@ -53,7 +53,7 @@ class Sampler:
         runs out of device memory is split in halves and retried (with a warning), and the smaller
         batch size is kept for the calls that follow. `check_inputs=False` is for latents drawn here.
         """
-        rows = z.shape[0] if getattr(z, "ndim", 0) else 0  # not an array, or 0-d: the backend's check names it
+        rows = latent_rows(z)
         while True:
             try:
                 if rows <= self.batch_size:
@@ -156,7 +156,8 @@ def open_sampler(
     Raises:
         UserError: unknown option, missing file or dependency, a combination that cannot run here.
     """
-    chosen, why = resolve_backend(model, backend, precision, device, cuda_graphs)
+    serving = batch_size or DEFAULT_BATCH["cuda"]  # what a trt engine built now is tuned for (trt runs on CUDA only)
+    chosen, why = resolve_backend(model, backend, precision, device, cuda_graphs, serving)
     return Sampler(chosen, batch_size, why)
 
 

@@ -17,9 +17,9 @@ import torch
 from vae_rt.errors import RuntimeFailure, UserError
 from vae_rt.model import IMAGE_SHAPE
 
-BACKENDS = {"torch": "pt", "ort": "ort", "trt": "trt"}  # public name -> module in this package
+BACKENDS = {"torch": "pt", "ort": "ort", "trt": "trt", "openvino": "openvino"}  # public name -> module in this package
 BACKEND_CHOICES = ("auto", *BACKENDS)
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 DEVICES = ("auto", "cpu", "cuda")
 Latents = np.ndarray | torch.Tensor  # latents at the engine: numpy in host memory, a tensor on a GPU
 
@@ -98,6 +98,11 @@ class BaseBackend:
 
     def _close(self) -> None:
         raise NotImplementedError
+
+
+def latent_rows(z: object) -> int:
+    """How many latents `z` holds; 0 for what is not an array or is 0-d, which `check_latents` then names."""
+    return z.shape[0] if getattr(z, "ndim", 0) else 0
 
 
 def engine_latents(z: torch.Tensor | np.ndarray) -> Latents:
