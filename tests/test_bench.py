@@ -70,7 +70,7 @@ def test_rows_measure_each_target_against_the_eager_reference(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(timing_module.time, "perf_counter", clock)
     monkeypatch.setattr(bench_module, "reference_decoder", lambda checkpoint: clock.decode_taking(0.001))
-    monkeypatch.setattr(bench_module, "_matmul_calls", lambda shapes: {("fp32", (1, 1, 1)): lambda: clock.decode_taking(0.5)(None)})
+    monkeypatch.setattr(bench_module, "_matmul_calls", lambda shapes, precisions: {("fp32", (1, 1, 1)): lambda: clock.decode_taking(0.5)(None)})
 
     def fake_sampler(checkpoint, backend, precision, device):
         if backend == "trt":
@@ -123,6 +123,7 @@ def test_cli_writes_json_and_plot(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "b.json").read_text())
     assert report["matmul_limit_gflops"]["fp32"] > 0
+    assert set(report["matmul_limit_gflops"]) == {"fp32"}  # no bf16 row timed, so no bf16 GEMM timed either
     assert {(r["backend"], r["batch"]) for r in report["rows"]} >= {("torch", 8), ("ort", 1), ("torch-eager", 1)}
     assert (tmp_path / "b.png").stat().st_size > 1000
     assert "samples/s" in result.output and "vs eager" in result.output
