@@ -10,9 +10,11 @@ from unittest.mock import MagicMock
 import pytest
 from typer.testing import CliRunner
 
-from vae_rt.bench import Timing, _end_to_end, bench_targets, run_benchmarks, time_calls
+from vae_rt.bench import Timing, _end_to_end, bench_targets, limit_shapes, matmul_limits, run_benchmarks, time_calls
+from vae_rt.checkpoint import BUNDLED_CHECKPOINT
 from vae_rt.cli import app
 from vae_rt.errors import UserError
+from vae_rt.peers import PEERS
 
 
 def test_timing_statistics():
@@ -63,11 +65,12 @@ class FakeClock:
 
 def test_rows_measure_each_target_against_the_eager_reference(monkeypatch):
     import vae_rt.bench as bench_module
+    import vae_rt.timing as timing_module
 
     clock = FakeClock()
-    monkeypatch.setattr(bench_module.time, "perf_counter", clock)
+    monkeypatch.setattr(timing_module.time, "perf_counter", clock)
     monkeypatch.setattr(bench_module, "reference_decoder", lambda checkpoint: clock.decode_taking(0.001))
-    monkeypatch.setattr(bench_module, "_matmul_call", lambda: clock.decode_taking(0.5))
+    monkeypatch.setattr(bench_module, "_matmul_calls", lambda shapes: {("fp32", (1, 1, 1)): lambda: clock.decode_taking(0.5)(None)})
 
     def fake_sampler(checkpoint, backend, precision, device):
         if backend == "trt":
@@ -88,6 +91,26 @@ def test_rows_measure_each_target_against_the_eager_reference(monkeypatch):
     assert len(skipped) == 1 and skipped[0].runs_on == "skipped: TensorRT is not installed"
 
 
+def test_limit_is_the_best_rate_over_the_shapes():
+    square, own = (1024, 1024, 1024), (8192, 512, 784)
+    limits = matmul_limits({("fp32", square): [0.1, 0.1], ("fp32", own): [0.05], ("bf16", square): [0.02]})
+    assert limits["fp32"] == pytest.approx(2 * 8192 * 512 * 784 / 0.05 / 1e9)  # the decoder's GEMM beat the square one
+    assert limits["bf16"] == pytest.approx(2 * 1024**3 / 0.02 / 1e9)
+    assert limit_shapes(BUNDLED_CHECKPOINT, [1, 64, 8192]) == [square, (8192, 2, 256), (8192, 256, 512), own]
+
+
+def test_peers_are_timed_in_the_same_run():
+    """One iteration of every peer but torch.compile (its first compile takes minutes on a small machine)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    peers = tuple(name for name in PEERS if name != "torch.compile")
+    rows, _ = run_benchmarks([("auto", "fp32", "cpu")], [3], min_duration=0.0, rounds=1, peers=peers)
+    timed = {(r.backend, r.precision) for r in rows if r.iterations}
+    assert {("peer ort", "fp32"), ("peer openvino", "fp32"), ("peer ort", "int8"), ("auto", "fp32")} <= timed
+    bf16 = [r for r in rows if r.backend == "peer openvino" and r.precision == "bf16"]
+    assert len(bf16) == 1 and (bf16[0].iterations or "no native bf16" in bf16[0].runs_on)
+
+
 def test_bad_batch_sizes():
     with pytest.raises(UserError):
         run_benchmarks([], [0])
@@ -99,7 +122,7 @@ def test_cli_writes_json_and_plot(tmp_path):
                                       "--duration", "0.01", "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "b.json").read_text())
-    assert report["matmul_peak_gflops"] > 0
+    assert report["matmul_limit_gflops"]["fp32"] > 0
     assert {(r["backend"], r["batch"]) for r in report["rows"]} >= {("torch", 8), ("ort", 1), ("torch-eager", 1)}
     assert (tmp_path / "b.png").stat().st_size > 1000
     assert "samples/s" in result.output and "vs eager" in result.output

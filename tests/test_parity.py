@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vae_rt import open_sampler
-from vae_rt.capabilities import CUDA_EP, available_providers, engine_skip_reason
+from vae_rt.capabilities import CUDA_EP, available_providers, engine_skip_reason, native_bf16
 from vae_rt.checkpoint import load_checkpoint
 from vae_rt.parity import compare, tail_latents
 from vae_rt.sampler import draw_latents
@@ -26,6 +26,9 @@ CASES = [
     pytest.param("ort", "fp32", "cpu", id="ort-fp32-cpu"),
     pytest.param("ort", "fp16", "cpu", id="ort-fp16-cpu"),
     pytest.param("torch", "bf16", "cpu", id="torch-bf16-cpu"),
+    pytest.param("openvino", "fp32", "cpu", id="openvino-fp32-cpu"),
+    pytest.param("openvino", "bf16", "cpu", marks=pytest.mark.skipif(
+        not native_bf16(), reason="needs a CPU with native bf16: OpenVINO reports no BF16 capability"), id="openvino-bf16-cpu"),
     pytest.param("torch", "fp32", "cuda", marks=[pytest.mark.gpu, _gpu_skip()], id="torch-fp32-cuda"),
     pytest.param("torch", "fp16", "cuda", marks=[pytest.mark.gpu, _gpu_skip()], id="torch-fp16-cuda"),
     pytest.param("torch", "bf16", "cuda", marks=[pytest.mark.gpu, _gpu_skip()], id="torch-bf16-cuda"),
@@ -49,8 +52,8 @@ def _latents(batch):
 
 @pytest.mark.parametrize("backend, precision, device", CASES)
 def test_backend_matches_torch_fp32(reference_model, backend, precision, device):
-    if backend == "ort":
-        pytest.importorskip("onnxruntime")
+    if backend in ("ort", "openvino"):
+        pytest.importorskip("onnxruntime" if backend == "ort" else "openvino")
     with open_sampler(None, backend, precision, device, batch_size=CHUNKED_BATCH) as sampler:
         for z in [_latents(b) for b in BATCHES] + [tail_latents(2)]:
             with torch.no_grad():

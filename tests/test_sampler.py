@@ -45,13 +45,13 @@ def test_decode_before_open_is_an_error(random_checkpoint):
         (None, "torch tensor or numpy array"),
     ],
 )
-@pytest.mark.parametrize("backend", ["torch", "ort"])
+@pytest.mark.parametrize("backend", ["torch", "ort", "openvino"])
 def test_bad_latents_are_rejected_clearly(random_checkpoint, backend, z, message):
     with open_sampler(random_checkpoint, backend, device="cpu") as sampler, pytest.raises(UserError, match=message):
         sampler.decode(z)
 
 
-@pytest.mark.parametrize("backend", ["torch", "ort"])
+@pytest.mark.parametrize("backend", ["torch", "ort", "openvino"])
 def test_numpy_latents_of_any_layout_decode_like_a_tensor(random_checkpoint, backend):
     z = np.random.default_rng(3).standard_normal((6, 2), dtype=np.float32)
     read_only = z[::-1].copy()
@@ -75,3 +75,16 @@ def test_manifold_latents_span_the_normal_quantiles():
     assert z[8].tolist() == pytest.approx([1.6449, -1.6449], abs=1e-3)
     with pytest.raises(UserError, match="2-D latent space"):
         manifold_latents(3, 8)
+
+
+def test_latents_the_sampler_drew_are_not_checked_again(random_checkpoint, monkeypatch):
+    import vae_rt.backends as backends_module
+
+    def no_check(z, z_dim):
+        raise AssertionError("checked")
+
+    monkeypatch.setattr(backends_module, "check_latents", no_check)
+    with open_sampler(random_checkpoint, "ort", device="cpu", batch_size=4) as sampler:
+        assert sampler.sample(10, seed=2).shape == (10, 1, 28, 28)  # its own latents: straight to the engine
+        with pytest.raises(AssertionError, match="checked"):
+            sampler.decode(torch.zeros(1, 2))  # a caller's latents: always checked

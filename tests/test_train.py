@@ -64,7 +64,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
         (TrainOptions(lr=float("nan")), "--lr must be a positive finite number"),
         (TrainOptions(lr=-1e-3), "--lr must be a positive finite number"),
         (TrainOptions(batch_size=0), "--batch-size must be at least 1"),
-        (TrainOptions(lr_decay="step"), "--lr-decay must be"),
+        (TrainOptions(lr_decay="step"), "lr_decay must be"),
         (TrainOptions(ema=1.0), "--ema must be in"),
         (TrainOptions(weight_decay=float("inf")), "--weight-decay must be"),
     ],

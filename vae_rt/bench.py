@@ -3,15 +3,15 @@
 Each (backend, precision, batch) runs a warm-up period, then at least `min_duration` seconds and
 `min_iterations` calls; it reports median and p90/p99 latency, samples/s, GFLOP/s, the coefficient of
 variation (flagged when noisy), speed relative to plain torch fp32 eager measured in the same run,
-and the share of this machine's float32 matmul peak, also measured in the same run.
-Run it with `vae-rt bench --json out.json --plot out.png`.
+and the share of this machine's matmul limit (the best fp32 or bf16 rate over a square GEMM and the
+decoder's own GEMMs), also measured in the same run. `--peers` adds what a user would call instead.
+Run it with `vae-rt bench --peers --json out.json --plot out.png`.
 """
 
 from __future__ import annotations
 
 import functools
-import statistics
-import time
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,30 +21,14 @@ import torch
 
 from vae_rt.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
 from vae_rt.errors import UserError
+from vae_rt.machine import cpu_isa, cpu_model
+from vae_rt.peers import open_peers
+from vae_rt.resolve import cached_onnx
 from vae_rt.sampler import draw_latents, open_sampler
+from vae_rt.timing import Timing, time_calls
 
 NOISY_CV = 0.10  # trtexec-style warning threshold: stdev above 10% of the mean
 REFERENCE = "torch-eager"  # the tutorial's own call: the decoder module under no_grad, fp32
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Latencies of repeated calls, in seconds."""
-
-    latencies: list[float]
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.latencies)
-
-    def percentile(self, q: float) -> float:
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-    @property
-    def cv(self) -> float:
-        mean = statistics.fmean(self.latencies)
-        return statistics.pstdev(self.latencies) / mean if mean > 0 else 0.0
 
 
 @dataclass
@@ -70,49 +54,40 @@ class BenchRow:
         return asdict(self)
 
 
-def time_calls(fn: Callable[[], Any], warmup: float = 0.2, min_duration: float = 1.0, min_iterations: int = 10) -> Timing:
-    """Call `fn` for `warmup` seconds untimed, then until both the duration and the count are reached."""
-    end = time.perf_counter() + warmup
-    while time.perf_counter() < end:
-        fn()
-    latencies: list[float] = []
-    started = time.perf_counter()
-    while len(latencies) < min_iterations or time.perf_counter() - started < min_duration:
-        t0 = time.perf_counter()
-        fn()
-        latencies.append(time.perf_counter() - t0)
-    return Timing(latencies)
-
-
-PEAK_SIZE = 2048  # float32 [2048, 2048] @ [2048, 2048]: large enough for the BLAS to reach its peak
+SQUARE_SIZE = 1024  # float32 [1024, 1024] @ [1024, 1024]: a BLAS's best case, beside the decoder's own GEMMs
+LIMIT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def describe_machine() -> str:
     """CPU model, its widest vector extensions and the threads torch uses: what the numbers depend on."""
-    import platform
-
-    model, flags = platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
-    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile") if f in flags]
+    model, isa = cpu_model(), cpu_isa()
     return f"{model} [{' '.join(isa) or 'no AVX'}], {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def _matmul_call() -> Callable[[], torch.Tensor]:
-    a, b = torch.randn(PEAK_SIZE, PEAK_SIZE), torch.randn(PEAK_SIZE, PEAK_SIZE)
-    return lambda: torch.mm(a, b)
+def limit_shapes(checkpoint: Path, batch_sizes: list[int]) -> list[tuple[int, int, int]]:
+    """(m, k, n) GEMM shapes whose best rate is the limit: a square one, and the decoder's own at the largest batch."""
+    layers = load_checkpoint(checkpoint)[0].decoder()
+    batch = max(batch_sizes)
+    own = [(batch, layer.in_features, layer.out_features) for layer in (layers.fc4, layers.fc5, layers.fc6)]
+    return [(SQUARE_SIZE, SQUARE_SIZE, SQUARE_SIZE), *own]
 
 
-def _matmul_gflops(timing: Timing) -> float:
-    return 2 * PEAK_SIZE**3 / timing.median / 1e9
+def _matmul_calls(shapes: list[tuple[int, int, int]]) -> dict[tuple[str, tuple[int, int, int]], Callable[[], torch.Tensor]]:
+    calls = {}
+    for precision, dtype in LIMIT_DTYPES.items():
+        for m, k, n in shapes:
+            a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+            calls[precision, (m, k, n)] = functools.partial(torch.mm, a, b)
+    return calls
+
+
+def matmul_limits(latencies: dict[tuple[str, tuple[int, int, int]], list[float]]) -> dict[str, float]:
+    """GFLOP/s per precision: the best median rate over the timed shapes (a decoder GEMM may beat the square one)."""
+    limits: dict[str, float] = {}
+    for (precision, (m, k, n)), collected in latencies.items():
+        rate = 2 * m * k * n / Timing(collected).median / 1e9
+        limits[precision] = max(limits.get(precision, 0.0), rate)
+    return limits
 
 
 def reference_decoder(checkpoint: Path) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -132,7 +107,7 @@ def bench_targets(
     """(backend, precision, device) triples worth timing here: every device the machine has, no pointless pairs.
 
     TensorRT runs only on CUDA and only fp16 (asked for on a machine without it, it is kept so that the
-    report says why it was skipped). On the CPU, fp16 is timed on ONNX Runtime only (torch's CPU fp16
+    report says why it was skipped); OpenVINO only on the CPU, in fp32 and bf16. On the CPU, fp16 is timed on ONNX Runtime only (torch's CPU fp16
     GEMMs are slower than fp32 there) and bf16 on torch only (oneDNN uses AMX / AVX-512 BF16 where the
     CPU has them; vae-rt exports no bf16 ONNX). `include_cuda` lists the CUDA rows even without a GPU.
     """
@@ -142,11 +117,12 @@ def bench_targets(
     for dev in devices:
         for backend in backends:
             for precision in precisions:
-                pointless_on_cpu = (backend, precision) in (("torch", "fp16"), ("ort", "bf16")) or (
+                pointless_on_cpu = (backend, precision) in (("torch", "fp16"), ("ort", "bf16"), ("openvino", "fp16")) or (
                     backend == "auto" and precision != "fp32"  # auto on the CPU is fp32 unless told otherwise
                 )
                 cpu_only_int8 = precision == "int8" and (backend == "torch" or dev != "cpu")  # int8 is ort on the CPU
-                if backend == "trt" or cpu_only_int8 or (dev == "cpu" and pointless_on_cpu):
+                openvino_on_cuda = backend == "openvino" and dev == "cuda"
+                if backend == "trt" or cpu_only_int8 or openvino_on_cuda or (dev == "cpu" and pointless_on_cpu):
                     continue
                 targets.append((backend, precision, dev))
     if "trt" in backends and "fp16" in precisions and device != "cpu":
@@ -161,16 +137,18 @@ def run_benchmarks(
     min_duration: float = 1.0,
     rounds: int = 5,
     on_row: Callable[[BenchRow], None] | None = None,
-) -> tuple[list[BenchRow], float]:
-    """Time `decode` for each (backend, precision, device) target and batch size, plus torch eager and a matmul.
+    peers: tuple[str, ...] = (),
+) -> tuple[list[BenchRow], dict[str, float]]:
+    """Time `decode` for each (backend, precision, device) target and batch size, plus torch eager, the
+    `peers` (see `vae_rt.peers`) and the matmul limits.
 
     The measurements of one batch size are interleaved: `rounds` rounds, each giving every target
     `min_duration / rounds` seconds. On a shared or throttling machine the drift then hits all of
     them alike, so the ratios between rows are fair even when the absolute numbers move.
 
     Returns:
-        The rows (targets that cannot run here as rows with `runs_on` = 'skipped: <why>') and the
-        CPU matmul peak in GFLOP/s, both from the same run.
+        The rows (targets and peers that cannot run here as rows with `runs_on` = 'skipped: <why>')
+        and the CPU matmul limit per precision in GFLOP/s, both from the same run.
     """
     if not batch_sizes or min(batch_sizes) < 1:
         raise UserError(f"--batch-sizes must be positive integers, got {batch_sizes}")
@@ -185,12 +163,16 @@ def run_benchmarks(
         except UserError as error:
             rows.append(_skipped(backend, precision, device, str(error)))
     reference = reference_decoder(checkpoint)
-    matmul = _matmul_call()
-    matmul_latencies: list[float] = []
+    matmuls = _matmul_calls(limit_shapes(checkpoint, batch_sizes))
+    matmul_latencies: dict[tuple[str, tuple[int, int, int]], list[float]] = {key: [] for key in matmuls}
+    work_dir = tempfile.TemporaryDirectory(prefix="vae-rt-peers-")
+    opened_peers, skipped_peers = open_peers(peers, checkpoint, cached_onnx(checkpoint, "fp32"), Path(work_dir.name)) if peers else ([], [])
+    rows += [_skipped(name, precision, "cpu", why) for name, precision, why in skipped_peers]
     try:
         for batch in batch_sizes:
             z = draw_latents(batch, config.z_dim, seed=batch)
             calls = [_end_to_end(reference, z, "cpu")] + [_end_to_end(s.decode, z, s.backend.device) for s in samplers]
+            calls += [peer.prepare(z) for peer in opened_peers]
             latencies: list[list[float]] = [[] for _ in calls]
             for round_ in range(rounds):
                 for call, collected in zip(calls, latencies):
@@ -198,12 +180,16 @@ def run_benchmarks(
                         call, warmup=0.2 if round_ == 0 else 0.02,
                         min_duration=min_duration / rounds, min_iterations=max(2, 10 // rounds),
                     ).latencies
-                matmul_latencies += time_calls(matmul, warmup=0.0, min_duration=0.0, min_iterations=2).latencies
+                for key, matmul in matmuls.items():
+                    matmul_latencies[key] += time_calls(matmul, warmup=0.0, min_duration=0.0, min_iterations=1).latencies
             eager = _row(REFERENCE, "fp32", "cpu", batch, "torch fp32 eager (nn.Module, no_grad)", Timing(latencies[0]), flop)
             batch_rows = [eager] + [
                 _row(s.backend.name if not s.chosen_because else "auto", s.backend.precision, s.backend.device, batch,
                      s.describe(), Timing(collected), flop)
                 for s, collected in zip(samplers, latencies[1:])
+            ] + [
+                _row(peer.name, peer.precision, "cpu", batch, peer.runs_on, Timing(collected), flop)
+                for peer, collected in zip(opened_peers, latencies[1 + len(samplers):])
             ]
             for sampler, row in zip(samplers, batch_rows[1:]):
                 if sampler.backend.device == "cuda":
@@ -218,14 +204,15 @@ def run_benchmarks(
     finally:
         for sampler in samplers:
             sampler.close()
-    peak = _matmul_gflops(Timing(matmul_latencies))
+        work_dir.cleanup()
+    limits = matmul_limits(matmul_latencies)
     for row in rows:
         if row.iterations:
-            if row.device == "cpu":
-                row.pct_of_peak = 100 * row.gflops / peak
+            if row.device == "cpu":  # bf16 rows against the bf16 limit; the rest (fp16 and int8 too) against fp32's
+                row.pct_of_peak = 100 * row.gflops / limits.get(row.precision, limits["fp32"])
             if row.cv > NOISY_CV:
                 row.notes.append(f"noisy: CV {row.cv:.0%} > {NOISY_CV:.0%}; close other programs or raise --duration")
-    return rows, peak
+    return rows, limits
 
 
 def _end_to_end(decode: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, device: str) -> Callable[[], torch.Tensor]:
@@ -253,13 +240,13 @@ def _skipped(backend: str, precision: str, device: str, why: str) -> BenchRow:
     return BenchRow(backend, precision, device, 0, f"skipped: {why}", 0.0, 0.0, 0.0, 0.0, 0.0, 0, 0.0)
 
 
-def write_report(path: Path, rows: list[BenchRow], peak: float, machine: str) -> None:
-    """The run as JSON: the machine, the matmul peak measured in it, every row."""
+def write_report(path: Path, rows: list[BenchRow], limits: dict[str, float], machine: str) -> None:
+    """The run as JSON: the machine, the matmul limits measured in it, every row."""
     import json
 
     from vae_rt.files import write_atomic
 
-    report = {"machine": machine, "matmul_peak_gflops": peak, "rows": [r.as_dict() for r in rows]}
+    report = {"machine": machine, "matmul_limit_gflops": limits, "rows": [r.as_dict() for r in rows]}
     write_atomic(path, json.dumps(report, indent=2) + "\n")
 
 

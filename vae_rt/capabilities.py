@@ -25,6 +25,17 @@ def available_providers() -> list[str]:
     return list(onnxruntime.get_available_providers())
 
 
+def native_bf16(core: Any | None = None) -> bool:
+    """Whether OpenVINO's CPU plugin reports native bf16 arithmetic on this CPU (False without openvino)."""
+    if core is None:
+        try:
+            import openvino
+        except ImportError:
+            return False
+        core = openvino.Core()
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 def engine_skip_reason() -> str | None:
     """Why no TensorRT engine can be built or run on this machine (what to install), or None when it can."""
     try:

@@ -27,6 +27,7 @@ from vae_rt.engine import DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH
 from vae_rt.errors import RuntimeFailure, UserError
 from vae_rt.export import EXPORT_PRECISIONS
 from vae_rt.output import OUTPUT_DTYPES
+from vae_rt.resolve import PRECISION_CHOICES
 from vae_rt.sampler import MAX_BATCH
 from vae_rt.train import LR_DECAYS
 
@@ -63,8 +64,8 @@ ModelOption = Annotated[
 # Literal[<tuple>] is Literal[<each value>]: typer offers exactly the library's choices, as plain strings.
 BackendOption = Annotated[Literal[BACKEND_CHOICES], typer.Option(help="Which engine decodes.")]  # type: ignore[valid-type]
 PrecisionOption = Annotated[
-    Literal[PRECISIONS] | None,  # type: ignore[valid-type]
-    typer.Option(help="Default: the fastest safe one for the device."),
+    Literal[PRECISION_CHOICES] | None,  # type: ignore[valid-type]
+    typer.Option(help="Default: the fastest safe one for the device; auto (with --backend auto): the fastest whose quality gate passed."),
 ]
 def check_device(device: str) -> str:
     """One rule for every command: `--device cuda` on a machine without a GPU is refused before any work."""
@@ -390,10 +391,12 @@ def bench(
     duration: Annotated[float, typer.Option(help="Seconds timed per row, spread over 5 interleaved rounds (after warm-up).")] = 1.0,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a samples/s-vs-batch plot (PNG).")] = None,
+    peers: Annotated[bool, typer.Option(help="Also time torch.compile, raw ONNX Runtime, raw OpenVINO f32/bf16 and ORT int8.")] = False,
 ) -> None:
     """Latency and throughput of every backend/precision available here, in one run (trtexec-style)."""
     from vae_rt.bench import bench_targets, describe_machine, plot_throughput, run_benchmarks, write_report
     from vae_rt.files import check_file_target
+    from vae_rt.peers import PEERS
 
     try:
         sizes = [int(b) for b in _split(batch_sizes)]
@@ -406,9 +409,11 @@ def bench(
             check_file_target(option, path)
     targets = bench_targets(*_backends_and_precisions(backends, precisions), device)
     with err.status("benchmarking") as status:
-        rows, peak = run_benchmarks(targets, sizes, model, duration, on_row=lambda r: status.update(f"{r.runs_on}, batch {r.batch}"))
+        rows, limits = run_benchmarks(targets, sizes, model, duration, on_row=lambda r: status.update(f"{r.runs_on}, batch {r.batch}"),
+                                      peers=tuple(PEERS) if peers else ())
     machine = describe_machine()
-    out.print(f"CPU float32 matmul peak, measured in the same run: {peak:.1f} GFLOP/s ({machine})")
+    rates = ", ".join(f"{precision} {gflops:.1f}" for precision, gflops in limits.items())
+    out.print(f"CPU matmul limit (best GEMM rate, GFLOP/s), measured in the same run: {rates} ({machine})")
     table = Table("backend", "prec", "device", "batch", "samples/s", "p50 ms", "p99 ms", "GFLOP/s", "vs eager", "% peak", "CV")
     for r in rows:
         if not r.iterations:
@@ -427,11 +432,50 @@ def bench(
     if any(r.notes for r in rows):
         out.print("! = noisy (CV above 10%): close other programs or raise --duration")
     if json_path is not None:
-        write_report(json_path, rows, peak, machine)
+        write_report(json_path, rows, limits, machine)
         out.print(f"wrote {json_path}")
     if plot is not None:
         plot_throughput(rows, plot)
         out.print(f"wrote {plot}")
+
+
+@app.command()
+@handle_errors
+def serve(
+    model: ModelOption = None,
+    backend: BackendOption = "auto",
+    precision: PrecisionOption = None,
+    device: DeviceOption = "auto",
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 for every interface.")] = "127.0.0.1",
+    http_port: Annotated[int, typer.Option(min=1, max=65535, help="Triton's HTTP/REST port.")] = 8000,
+    grpc_port: Annotated[int, typer.Option(min=1, max=65535, help="Triton's gRPC port.")] = 8001,
+    metrics_port: Annotated[int, typer.Option(min=1, max=65535, help="Triton's Prometheus metrics port.")] = 8002,
+    max_batch: Annotated[int, typer.Option(min=1, help="Largest batch Triton forms (and accepts in one request).")] = 8192,
+    max_queue_delay_us: Annotated[
+        int, typer.Option(min=0, help="How long Triton may hold a request to batch it with others.")
+    ] = 500,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="CPU threads of a decode (default: torch's); fewer leave cores to Triton.")
+    ] = None,
+    triton_log: Annotated[bool, typer.Option(help="Show Triton's own log (else it is discarded).")] = False,
+) -> None:
+    """Serve the decoder over Triton's HTTP/gRPC protocol (model vae_decoder), with dynamic batching."""
+    from vae_rt.serve_options import ServeOptions
+
+    options = ServeOptions(host, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us, triton_log)
+    options.check()  # before the model loads: a busy port is one line at once
+    logging.getLogger("pytriton.proxy.inference").setLevel(logging.ERROR)  # repeats serve's warning with a traceback
+    import torch
+
+    from vae_rt.sampler import open_sampler
+    from vae_rt.serve import serve as run_server
+    from vae_rt.serve import startup_line
+
+    if threads is not None:
+        torch.set_num_threads(threads)  # ONNX Runtime's sessions take torch's thread count too
+    with open_sampler(model, backend, precision, device) as sampler:
+        run_server(sampler, options, on_ready=lambda: out.print(startup_line(sampler.describe(), options)))
+    err.print("stopped: every accepted request was answered")
 
 
 @app.command()

@@ -8,10 +8,11 @@ import torch
 
 from vae_rt import __version__
 from vae_rt.capabilities import available_providers, engine_skip_reason
+from vae_rt.serve import serving_status
 
 
 def diagnose() -> list[tuple[str, str]]:
-    """(label, finding) rows: versions, CUDA, GPU, ONNX Runtime providers, TensorRT."""
+    """(label, finding) rows: versions, CUDA, GPU, ONNX Runtime providers, TensorRT, serving."""
     rows = [
         ("vae-rt", __version__),
         ("python", platform.python_version()),
@@ -36,4 +37,5 @@ def diagnose() -> list[tuple[str, str]]:
         rows += [("tensorrt", "not installed (pip install 'vae-rt[gpu]')")]
     reason = engine_skip_reason()
     rows += [("TensorRT engines", "can be built here" if reason is None else f"cannot be built: {reason}")]
+    rows += [serving_status()]
     return rows

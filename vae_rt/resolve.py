@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from vae_rt.artifacts import onnx_path_for, read_manifest
+from vae_rt.artifacts import inspect_onnx, onnx_path_for, read_manifest
 from vae_rt.backends import BACKEND_CHOICES, DEVICES, PRECISIONS, BaseBackend, check_choice, get_backend, resolve_device
-from vae_rt.capabilities import CUDA_EP, available_providers, engine_skip_reason
+from vae_rt.capabilities import CUDA_EP, available_providers, engine_skip_reason, native_bf16
 from vae_rt.checkpoint import BUNDLED_CHECKPOINT, read_checkpoint
 from vae_rt.data import cache_dir
 from vae_rt.engine import build_engine
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 notice = logging.getLogger("vae_rt.notice")  # slow one-time work a user should hear about even without -v
 
 ENGINE_DIR_ENV = "VAE_RT_ENGINE_DIR"
+PRECISION_CHOICES = (*PRECISIONS, "auto")  # auto: the fastest precision whose quality gate passed (CPU)
 KINDS = {".pth": "checkpoint", ".pt": "checkpoint", ".onnx": "onnx", ".plan": "plan", ".engine": "plan"}
 
 
@@ -40,14 +41,48 @@ def resolve_backend(
     check_choice("backend", backend, BACKEND_CHOICES)
     check_choice("device", device, DEVICES)
     if precision is not None:
-        check_choice("precision", precision, PRECISIONS)
+        check_choice("precision", precision, PRECISION_CHOICES)
+    if precision == "auto" and backend != "auto":
+        raise UserError("precision auto needs backend auto")
     path = Path(model) if model is not None else BUNDLED_CHECKPOINT
     kind = artifact_kind(path)
     why = None
     if backend == "auto":
-        backend, device, why = choose_backend(kind, precision, device)
+        # precision 'auto' on a GPU is its default already: fp16, the fastest that passes parity
+        backend, device, why = choose_backend(kind, None if precision == "auto" else precision, device)
+        if device == "cpu" and kind != "plan":
+            chosen, why = cpu_auto_backend(path, kind, precision)
+            log.info("backend auto: %s", why)
+            return chosen, why
         log.info("backend auto: %s", why)
     return create_backend(backend, path, kind, precision, device, cuda_graphs), why
+
+
+def cpu_auto_backend(path: Path, kind: str, precision: str | None) -> tuple[BaseBackend, str]:
+    """`auto` on the CPU, and why: the engines that can serve `precision` here, chosen per batch size by a cached timing run."""
+    from vae_rt.backends.auto import AutoBackend
+    from vae_rt.tuning import allowed_precisions, candidate_engines
+
+    installed = {"torch"} | ({"ort"} if available_providers() else set()) | ({"openvino"} if _installed("openvino") else set())
+    z_dim, _, stored = inspect_onnx(path) if kind == "onnx" else (read_checkpoint(path)["config"].z_dim, 0, "fp32")
+    precisions = allowed_precisions(precision, gates_passed=[]) if stored == "fp32" else [stored]
+    engines = candidate_engines(precisions, kind, stored, installed, native_bf16())
+    if not engines:
+        raise UserError(f"no CPU backend can run {path} in {', '.join(precisions)} here")
+
+    def make(backend: str, engine_precision: str) -> BaseBackend:
+        return create_backend(backend, path, kind, engine_precision, "cpu", cuda_graphs=False)
+
+    if len(engines) == 1:  # nothing to choose between, nothing to time
+        return make(*engines[0]), f"{' '.join(engines[0])} is the only CPU engine for {', '.join(precisions)} here"
+    auto = AutoBackend(engines, make, sha256_file(path), z_dim).open()
+    return auto, auto.why
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def artifact_kind(path: Path) -> str:
@@ -107,6 +142,11 @@ def create_backend(backend: str, path: Path, kind: str, precision: str | None, d
         ort_on_gpu = on_gpu and CUDA_EP in available_providers()
         onnx_path = path if kind == "onnx" else cached_onnx(path, precision or ("fp16" if ort_on_gpu else "fp32"))
         return get_backend("ort", onnx_path=onnx_path, precision=precision, device=device)
+    if backend == "openvino":
+        if kind == "plan":
+            raise UserError(f"backend openvino needs a checkpoint or an ONNX file, got the TensorRT plan {path}")
+        onnx_path = path if kind == "onnx" else cached_onnx(path, "fp32")  # its precision is a hint on the fp32 model
+        return get_backend("openvino", onnx_path=onnx_path, precision=precision, device=device)
     reason = engine_skip_reason()
     if reason:
         raise UserError(f"backend trt: {reason}")

@@ -15,7 +15,7 @@ import torch
 
 from vae_rt.errors import RuntimeFailure, UserError
 
-BACKENDS = {"torch": "pt", "ort": "ort", "trt": "trt"}  # public name -> module in this package
+BACKENDS = {"torch": "pt", "ort": "ort", "trt": "trt", "openvino": "openvino"}  # public name -> module in this package
 BACKEND_CHOICES = ("auto", *BACKENDS)
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 DEVICES = ("auto", "cpu", "cuda")

@@ -1,0 +1,55 @@
+"""The OpenVINO backend: the out= path, bf16 refused where the CPU lacks it, and the files and devices it refuses.
+
+Its parity with torch fp32 (batch 1, 7, 64, 1000, tail latents) is in test_parity.py.
+"""
+
+import pytest
+import torch
+
+from vae_rt import open_sampler
+from vae_rt.capabilities import native_bf16
+from vae_rt.checkpoint import load_checkpoint
+from vae_rt.errors import UserError
+from vae_rt.parity import compare
+from vae_rt.resolve import cached_onnx
+from vae_rt.sampler import draw_latents
+
+pytest.importorskip("openvino")
+
+
+def test_decodes_into_a_slice_of_a_larger_result(bundled):
+    z = draw_latents(10, 2, seed=4)
+    with open_sampler(bundled, "openvino", "fp32", "cpu", batch_size=4) as sampler:
+        images = torch.full((12, 1, 28, 28), -1.0)
+        returned = sampler.decode(z, out=images[1:11])
+        assert returned.data_ptr() == images[1].data_ptr()  # written in place, chunk by chunk
+        fresh = sampler.decode(z)
+        again = sampler.decode(z)
+    assert fresh.data_ptr() != again.data_ptr()  # never a buffer the backend reuses
+    with torch.no_grad():
+        reference = load_checkpoint(bundled)[0].decode(z).view(-1, 1, 28, 28)
+    assert compare(reference, images[1:11], "fp32").passed
+    assert torch.equal(images[0], torch.full((1, 28, 28), -1.0)) and torch.equal(images[11], images[0])
+    assert torch.equal(fresh, images[1:11])
+
+
+@pytest.mark.skipif(native_bf16(), reason="this CPU has native bf16; the refusal is for CPUs without it")
+def test_bf16_is_refused_in_one_line_without_native_bf16(bundled):
+    with pytest.raises(UserError, match="^precision bf16: this CPU has no native bf16"):
+        open_sampler(bundled, "openvino", "bf16", "cpu")
+
+
+def test_refuses_what_it_cannot_run(bundled):
+    with pytest.raises(UserError, match="runs on the CPU only"):
+        open_sampler(bundled, "openvino", "fp32", "cuda")
+    with pytest.raises(UserError, match="serves fp32 or bf16, not fp16"):
+        open_sampler(bundled, "openvino", "fp16", "cpu")
+    with pytest.raises(UserError, match="reads the fp32 ONNX"):
+        open_sampler(cached_onnx(bundled, "fp16"), "openvino", None, "cpu")
+
+
+def test_runs_an_onnx_file_given_as_the_model(bundled):
+    onnx_path = cached_onnx(bundled, "fp32")
+    with open_sampler(onnx_path, "openvino", None, "cpu") as sampler:
+        assert sampler.describe() == "openvino fp32 on cpu"
+        assert sampler.decode(draw_latents(3, 2)).shape == (3, 1, 28, 28)

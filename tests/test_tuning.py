@@ -1,0 +1,133 @@
+"""`auto` on the CPU: the choice rule as plain functions, the timing cache, and the per-batch dispatch."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from vae_rt import open_sampler, tuning
+from vae_rt.backends.auto import AutoBackend
+from vae_rt.checkpoint import load_checkpoint
+from vae_rt.parity import compare
+from vae_rt.sampler import draw_latents
+
+TIMINGS = {  # seconds per call at each probe: ort wins small batches, openvino large ones
+    "ort fp32": {1: 20e-6, 32: 90e-6, 1024: 2.0e-3},
+    "openvino fp32": {1: 60e-6, 32: 120e-6, 1024: 1.5e-3},
+    "torch fp32": {1: 40e-6, 32: 100e-6, 1024: 1.8e-3},
+}
+
+
+def test_nearest_probe_is_nearest_on_a_log_scale():
+    probes = (1, 32, 1024)
+    assert [tuning.nearest_probe(b, probes) for b in (0, 1, 5, 6, 31, 181, 182, 1024, 8192)] == [
+        1, 1, 1, 32, 32, 32, 1024, 1024, 1024,
+    ]
+
+
+def test_fastest_engine_per_batch_size_and_the_explanation():
+    assert [tuning.fastest(TIMINGS, b) for b in (1, 7, 64, 300, 1000, 65536)] == [
+        "ort fp32", "ort fp32", "ort fp32", "openvino fp32", "openvino fp32", "openvino fp32",
+    ]
+    why = tuning.explain(TIMINGS)
+    assert "batch 1: ort fp32 (20 us, 2.00x over torch fp32)" in why
+    assert "batch 1024: openvino fp32 (1500 us, 1.20x over torch fp32)" in why
+
+
+def test_allowed_precisions_add_only_reduced_ones_whose_gate_passed():
+    assert tuning.allowed_precisions(None, ["bf16", "fp16"]) == ["fp32"]  # fp32 unless asked
+    assert tuning.allowed_precisions("auto", []) == ["fp32"]
+    assert tuning.allowed_precisions("auto", ["fp16", "bf16"]) == ["fp32", "bf16", "fp16"]
+    assert tuning.allowed_precisions("bf16", []) == ["bf16"]  # asked for explicitly: no gate needed
+
+
+def test_candidate_engines_follow_what_each_backend_can_read():
+    everything = {"torch", "ort", "openvino"}
+    assert tuning.candidate_engines(["fp32"], "checkpoint", "fp32", everything, False) == [
+        ("ort", "fp32"), ("openvino", "fp32"), ("torch", "fp32"),
+    ]
+    assert tuning.candidate_engines(["fp32", "bf16"], "checkpoint", "fp32", everything, False) == [
+        ("ort", "fp32"), ("openvino", "fp32"), ("torch", "fp32"), ("torch", "bf16"),  # no emulated OpenVINO bf16
+    ]
+    assert ("openvino", "bf16") in tuning.candidate_engines(["bf16"], "checkpoint", "fp32", everything, True)
+    assert tuning.candidate_engines(["fp32"], "onnx", "fp32", {"torch"}, True) == []  # torch cannot read ONNX
+    assert tuning.candidate_engines(["fp16"], "onnx", "fp16", everything, True) == [("ort", "fp16")]
+    assert tuning.candidate_engines(["fp16"], "onnx", "fp32", everything, True) == []  # no fp16 twin of the file
+
+
+def test_cache_round_trip_and_every_reason_to_distrust_it(tmp_path):
+    key = tuning.tuning_key("ab" * 32, list(TIMINGS))
+    path = tmp_path / "tuning" / "t.json"
+    assert tuning.load_timings(path, key) is None  # nothing cached yet
+    tuning.save_timings(path, key, TIMINGS)
+    assert tuning.load_timings(path, key) == TIMINGS
+    assert tuning.load_timings(path, {**key, "model_sha256": "cd" * 32}) is None  # another model
+    assert tuning.load_timings(path, {**key, "threads": key["threads"] + 1}) is None  # another machine setup
+    stored = json.loads(path.read_text())
+    stored["timings"]["ort fp32"]["1"] = 1e-9  # edited by hand: the checksum no longer matches
+    path.write_text(json.dumps(stored))
+    assert tuning.load_timings(path, key) is None
+    path.write_text("{not json")
+    assert tuning.load_timings(path, key) is None
+    assert tuning.cache_path(key) != tuning.cache_path({**key, "model_sha256": "cd" * 32})
+
+
+def test_measure_times_every_engine_at_every_probe():
+    calls = {"a": lambda z: z.sum(), "b": lambda z: torch.mm(z, z.t())}
+    timings = tuning.measure(calls, z_dim=2, probes=(1, 64), rounds=2, seconds=0.0)
+    assert sorted(timings) == ["a", "b"] and all(sorted(t) == [1, 64] and min(t.values()) > 0 for t in timings.values())
+
+
+class FakeEngine:
+    """Records which batches it decoded."""
+
+    def __init__(self, label):
+        self.label, self.batches, self.closed = label, [], False
+
+    def open(self):
+        return self
+
+    def close(self):
+        self.closed = True
+
+    def decode(self, z, out=None, check_inputs=True):
+        self.batches.append(z.shape[0])
+        return torch.zeros(z.shape[0], 1, 28, 28)
+
+
+def test_auto_backend_dispatches_by_batch_size_and_keeps_only_winners(monkeypatch):
+    made = {}
+
+    def make(backend, precision):
+        return made.setdefault(f"{backend} {precision}", FakeEngine(f"{backend} {precision}"))
+
+    monkeypatch.setattr(tuning, "measure", lambda calls, z_dim: TIMINGS if set(calls) == set(TIMINGS) else {})
+    engines = [("ort", "fp32"), ("openvino", "fp32"), ("torch", "fp32")]
+    with AutoBackend(engines, make, "ef" * 32, 2) as auto:
+        assert made["torch fp32"].closed  # measured, never the fastest: closed
+        auto.decode(torch.zeros(1, 2))
+        auto.decode(torch.zeros(1000, 2))
+        assert made["ort fp32"].batches == [1] and made["openvino fp32"].batches == [1000]
+        assert auto.describe() == "auto on cpu: ort fp32, openvino fp32"
+        assert "measured now" in auto.why
+    with AutoBackend(engines, make, "ef" * 32, 2) as auto:  # the second open reads the cache
+        assert "cached in" in auto.why and auto.engine_for(5000) == "openvino fp32"
+
+
+def test_auto_on_the_cpu_decodes_like_torch_fp32_and_logs_its_choice_once(bundled, caplog):
+    z = draw_latents(300, 2, seed=9)
+    with torch.no_grad():
+        reference = load_checkpoint(bundled)[0].decode(z).view(-1, 1, 28, 28)
+    with caplog.at_level(logging.INFO, logger="vae_rt"), open_sampler(bundled, "auto", None, "cpu", batch_size=128) as sampler:
+        assert compare(reference, sampler.decode(z), "fp32").passed  # chunks of 128 and 44: maybe two engines
+        assert sampler.describe().startswith("auto on cpu: ")
+    chosen = [r.message for r in caplog.records if r.message.startswith("backend auto: per batch size")]
+    assert len(chosen) == 1 and "batch 1:" in chosen[0]
+
+
+def test_precision_auto_needs_backend_auto(bundled):
+    from vae_rt.errors import UserError
+
+    with pytest.raises(UserError, match="precision auto needs backend auto"):
+        open_sampler(bundled, "ort", "auto", "cpu")

@@ -1,0 +1,96 @@
+"""`auto` on the CPU: several engines behind one backend, each batch decoded by the one measured fastest at its size.
+
+A Sampler then holds more than one engine, but only through this backend: it opens the engines the
+timing table names as winners (the rest are closed once measured), keeps them open for its lifetime,
+and remembers the engine chosen for each batch size it has seen. `Sampler.decode` chunks large inputs
+at its batch size, so in practice one or two engines serve a sampler: one for its full batches and,
+maybe, another for a short last one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from vae_rt import tuning
+from vae_rt.backends import BaseBackend, Latents
+
+log = logging.getLogger(__name__)
+
+Factory = Callable[[str, str], BaseBackend]  # (backend, precision) -> an unopened backend
+
+
+class AutoBackend(BaseBackend):
+    """Dispatches each `decode` to the engine that the tuning run (or its cache) found fastest at that batch size."""
+
+    name = "auto"
+
+    def __init__(self, engines: list[tuple[str, str]], make: Factory, model_sha256: str, z_dim: int):
+        if not engines:
+            raise ValueError("AutoBackend needs at least one engine")
+        super().__init__("fp32", "cpu")
+        precisions = {p for _, p in engines}
+        self.precision = precisions.pop() if len(precisions) == 1 else "auto"  # informational: each engine checks its own
+        self.z_dim = z_dim
+        self.labels = {tuning.engine_label(b, p): (b, p) for b, p in engines}
+        self._make = make
+        self._key = tuning.tuning_key(model_sha256, list(self.labels))
+        self.timings: tuning.Timings = {}
+        self.why = ""
+        self._open_engines: dict[str, BaseBackend] = {}
+        self._by_rows: dict[int, BaseBackend] = {}
+
+    def describe(self) -> str:
+        winners = [tuning.fastest(self.timings, probe) for probe in tuning.PROBE_BATCHES] if self.timings else []
+        return "auto on cpu: " + (", ".join(dict.fromkeys(winners)) or "not tuned yet")
+
+    def _open(self) -> None:
+        path = tuning.cache_path(self._key)
+        timings = tuning.load_timings(path, self._key)
+        source = f"cached in {path}"
+        if timings is None:
+            timings = self._measure()
+            tuning.save_timings(path, self._key, timings)
+            source = f"measured now, cached in {path}"
+        self.timings = timings
+        winners = {tuning.fastest(timings, probe) for probe in tuning.PROBE_BATCHES}
+        for label in list(self._open_engines):
+            if label not in winners:
+                self._open_engines.pop(label).close()
+        for label in winners:  # opened now, so that no decode pays for it
+            self._engine(label)
+        self.why = f"per batch size, the fastest of {', '.join(sorted(self.labels))} ({source}): {tuning.explain(timings)}"
+
+    def _measure(self) -> tuning.Timings:
+        log.info("backend auto: timing %s on this machine (once; cached)", ", ".join(sorted(self.labels)))
+        calls = {label: self._engine(label).decode for label in self.labels}
+        return tuning.measure(calls, self.z_dim)
+
+    def _engine(self, label: str) -> BaseBackend:
+        if label not in self._open_engines:
+            self._open_engines[label] = self._make(*self.labels[label]).open()
+        return self._open_engines[label]
+
+    def _close(self) -> None:
+        for engine in self._open_engines.values():
+            engine.close()
+        self._open_engines, self._by_rows = {}, {}
+
+    def decode(self, z: torch.Tensor | Latents, out: torch.Tensor | None = None, check_inputs: bool = True) -> torch.Tensor:
+        """As `BaseBackend.decode`; the chosen engine checks the latents (once) and decodes them."""
+        return self._engine_for_rows(z).decode(z, out, check_inputs)
+
+    def _engine_for_rows(self, z: object) -> BaseBackend:
+        if not self.is_open:
+            raise RuntimeError("auto backend: decode() called before open()")
+        rows = z.shape[0] if getattr(z, "ndim", 0) else 0  # what is not an array goes on to the engine's check
+        engine = self._by_rows.get(rows)
+        if engine is None:
+            engine = self._by_rows[rows] = self._engine(tuning.fastest(self.timings, rows))
+        return engine
+
+    def engine_for(self, rows: int) -> str:
+        """The label of the engine that decodes a batch of `rows`."""
+        return tuning.fastest(self.timings, rows)

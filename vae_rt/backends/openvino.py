@@ -1,0 +1,87 @@
+"""The OpenVINO backend: the exported fp32 ONNX on OpenVINO's CPU plugin, in fp32 or bf16.
+
+bf16 is OpenVINO's inference-precision hint, not a separate file. The plugin quietly falls back to
+fp32 where the CPU has no native bf16 (AVX-512 BF16 or AMX), so bf16 is refused up front on such a
+CPU and the precision the compiled model really uses is checked after compiling, never assumed.
+`openvino` (extra `cpu`) is imported only when the backend opens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from vae_rt.artifacts import inspect_onnx
+from vae_rt.backends import BaseBackend, Latents, to_device
+from vae_rt.capabilities import native_bf16
+from vae_rt.errors import UserError, require
+from vae_rt.model import IMAGE_SHAPE
+
+OV_PRECISIONS = ("fp32", "bf16")
+
+
+class OpenVinoBackend(BaseBackend):
+    """One compiled model with one infer request, run synchronously: the lowest-overhead call per batch.
+
+    The model keeps the ONNX file's dynamic batch dimension, so any batch size runs on one compiled
+    model. Each call hands OpenVINO the latents' and the result's memory (no copies either way).
+    """
+
+    name = "openvino"
+
+    def __init__(self, onnx_path: Path, precision: str | None = None, device: str = "cpu", threads: int | None = None):
+        if device not in ("auto", "cpu"):
+            raise UserError(f"backend openvino runs on the CPU only, not on {device}")
+        precision = precision or "fp32"
+        if precision not in OV_PRECISIONS:
+            raise UserError(f"backend openvino serves {' or '.join(OV_PRECISIONS)}, not {precision}")
+        self.onnx_path = Path(onnx_path)
+        z_dim, self.x_dim, stored = inspect_onnx(self.onnx_path)
+        if stored != "fp32":
+            raise UserError(f"backend openvino reads the fp32 ONNX (its precision is a hint); {self.onnx_path} is {stored}")
+        super().__init__(precision, "cpu")
+        self.z_dim = z_dim
+        self.threads = threads or torch.get_num_threads()  # the same cores torch and ort use: a fair comparison
+        self._request = None
+        self._ov = None
+
+    def _open(self) -> None:
+        ov = self._ov = require("openvino", extra="cpu")
+        import openvino.properties as props
+        import openvino.properties.hint as hints
+
+        core = ov.Core()
+        if self.precision == "bf16" and not native_bf16(core):
+            raise UserError("precision bf16: this CPU has no native bf16 (OpenVINO reports no BF16 capability)")
+        wanted = ov.Type.bf16 if self.precision == "bf16" else ov.Type.f32
+        config = {
+            hints.inference_precision: wanted,
+            hints.performance_mode: hints.PerformanceMode.LATENCY,  # one stream on all threads: one caller, one batch at a time
+            props.inference_num_threads: self.threads,
+        }
+        try:
+            compiled = core.compile_model(str(self.onnx_path), "CPU", config)
+        except RuntimeError as err:
+            raise UserError(f"{self.onnx_path}: openvino cannot compile it: {str(err).splitlines()[0]}") from err
+        actual = compiled.get_property(hints.inference_precision)
+        if actual != wanted:
+            raise UserError(f"precision {self.precision}: openvino compiled the model in {actual}, not {wanted}")
+        self._request = compiled.create_infer_request()
+
+    def _close(self) -> None:
+        self._request = None
+
+    def _decode(self, z: Latents, out: torch.Tensor | None) -> torch.Tensor:
+        rows = z.shape[0]
+        images = out if out is not None else torch.empty((rows, *IMAGE_SHAPE), dtype=torch.float32)
+        # Both tensors are set on every call: the request keeps pointing at the last memory it was
+        # given, and must never write into a buffer its owner has since freed.
+        self._request.set_input_tensor(self._ov.Tensor(to_device(z, "cpu").numpy(), shared_memory=True))
+        self._request.set_output_tensor(self._ov.Tensor(images.view(rows, self.x_dim).numpy(), shared_memory=True))
+        self._request.infer()
+        return images
+
+
+def create(onnx_path: Path, precision: str | None = None, device: str = "cpu", **options: int) -> OpenVinoBackend:
+    return OpenVinoBackend(onnx_path, precision, device, **options)

@@ -1,0 +1,115 @@
+"""What a user would call instead of vae-rt, set up the way each library's own documentation does it.
+
+Timed by `vae-rt bench --peers` in the same run and the same interleaved rounds as vae-rt's rows:
+torch.compile, a raw ONNX Runtime session, raw OpenVINO in f32 and bf16, and ONNX Runtime on an int8
+model (the exported one when it exists, else ONNX Runtime's own dynamic quantization, made now).
+Each peer's input is converted to its own form once, outside the timed call, as a hot loop would do.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vae_rt.capabilities import native_bf16
+from vae_rt.checkpoint import load_checkpoint
+from vae_rt.model import INPUT_NAME
+
+log = logging.getLogger(__name__)
+
+PEERS = {  # name -> (the rows' backend column, precision)
+    "torch.compile": ("peer torch.compile", "fp32"),
+    "ort": ("peer ort", "fp32"),
+    "openvino-f32": ("peer openvino", "fp32"),
+    "openvino-bf16": ("peer openvino", "bf16"),
+    "ort-int8": ("peer ort", "int8"),
+}
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str  # the row's backend column, e.g. 'peer ort'
+    precision: str
+    runs_on: str
+    prepare: Callable[[torch.Tensor], Callable[[], Any]]  # latents -> the timed call, on inputs already converted
+
+
+def open_peers(names: tuple[str, ...], checkpoint: Path, onnx_fp32: Path, work_dir: Path) -> tuple[list[Peer], list[tuple[str, str, str]]]:
+    """The peers in `names` that can run here, and (name, precision, why) for those that cannot."""
+    makers = {
+        "torch.compile": lambda: _torch_compile(checkpoint),
+        "ort": lambda: _ort_session("fp32", onnx_fp32),
+        "openvino-f32": lambda: _openvino(onnx_fp32, "f32"),
+        "openvino-bf16": lambda: _openvino(onnx_fp32, "bf16"),
+        "ort-int8": lambda: _ort_session("int8", int8_model(onnx_fp32, work_dir)),
+    }
+    peers, skipped = [], []
+    for name in names:
+        try:
+            peers.append(makers[name]())
+        except (ImportError, PeerUnavailable) as why:
+            skipped.append((*PEERS[name], str(why)))
+    return peers, skipped
+
+
+class PeerUnavailable(Exception):
+    """This peer cannot run on this machine (the reason is the message)."""
+
+
+def _torch_compile(checkpoint: Path) -> Peer:
+    decoder = torch.compile(load_checkpoint(checkpoint)[0].decoder().eval())
+
+    def prepare(z: torch.Tensor) -> Callable[[], Any]:
+        def call() -> torch.Tensor:
+            with torch.no_grad():
+                return decoder(z)
+
+        return call
+
+    return Peer("peer torch.compile", "fp32", "torch.compile(decoder), inductor, no_grad", prepare)
+
+
+def _ort_session(precision: str, path: Path) -> Peer:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # the library's defaults
+
+    def prepare(z: torch.Tensor) -> Callable[[], Any]:
+        feed = {INPUT_NAME: z.numpy()}
+        return lambda: session.run(None, feed)
+
+    return Peer("peer ort", precision, f"onnxruntime InferenceSession.run on {path.name}", prepare)
+
+
+def _openvino(path: Path, precision: str) -> Peer:
+    import openvino as ov
+    import openvino.properties.hint as hints
+
+    core = ov.Core()
+    if precision == "bf16" and not native_bf16(core):
+        raise PeerUnavailable("this CPU has no native bf16 (OpenVINO would run f32)")
+    compiled = core.compile_model(str(path), "CPU", {hints.inference_precision: getattr(ov.Type, precision)})
+
+    def prepare(z: torch.Tensor) -> Callable[[], Any]:
+        array = z.numpy()
+        return lambda: compiled(array)  # CompiledModel.__call__ reuses one infer request
+
+    return Peer("peer openvino", "bf16" if precision == "bf16" else "fp32", f"openvino CompiledModel, hint {precision}", prepare)
+
+
+def int8_model(onnx_fp32: Path, work_dir: Path) -> Path:
+    """The exported int8 ONNX beside the fp32 one when there is one, else ONNX Runtime's dynamic quantization of it."""
+    exported = onnx_fp32.with_name(onnx_fp32.name.replace(".fp32.onnx", ".int8.onnx"))
+    if exported.is_file() and exported != onnx_fp32:
+        return exported
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantized = Path(work_dir) / "decoder.dynamic-int8.onnx"
+    quantize_dynamic(onnx_fp32, quantized, per_channel=True, weight_type=QuantType.QInt8)
+    log.info("peer ort-int8: no exported int8 model; quantized %s dynamically into %s", onnx_fp32, quantized)
+    return quantized

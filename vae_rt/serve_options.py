@@ -1,0 +1,55 @@
+"""The options of `vae-rt serve` and their checks: a busy port is found before the model loads or Triton starts."""
+
+from __future__ import annotations
+
+import errno
+import socket
+from dataclasses import dataclass
+
+from vae_rt.errors import UserError
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Where and how Triton listens, and how long it may hold a request to batch it with others."""
+
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    max_batch: int = 8192
+    max_queue_delay_us: int = 500
+    triton_log: bool = False  # Triton's own log on stdout; else it goes to a temporary file
+
+    def urls(self) -> str:
+        return (f"http://{self.host}:{self.http_port}, grpc {self.host}:{self.grpc_port}, "
+                f"metrics http://{self.host}:{self.metrics_port}/metrics")
+
+    def check(self) -> None:
+        """Every value in range and every port free, before Triton starts (it would wait minutes on a busy one)."""
+        if self.max_batch < 1:
+            raise UserError(f"max_batch must be at least 1, got {self.max_batch}")
+        if self.max_queue_delay_us < 0:
+            raise UserError(f"max_queue_delay_us must be at least 0, got {self.max_queue_delay_us}")
+        ports = {"HTTP": self.http_port, "gRPC": self.grpc_port, "metrics": self.metrics_port}
+        seen: dict[int, str] = {}
+        for name, port in ports.items():
+            if not 1 <= port <= 65535:
+                raise UserError(f"the {name} port must be between 1 and 65535, got {port}")
+            if port in seen:
+                raise UserError(f"the {seen[port]} and {name} ports are both {port}; each needs its own")
+            seen[port] = name
+        for name, port in ports.items():
+            check_port_free(f"{name} port {port}", self.host, port)
+
+
+def check_port_free(what: str, host: str, port: int) -> None:
+    """Raise a one-line UserError, starting with `what`, unless `host:port` can be listened on now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: a closed port in TIME_WAIT is free
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise UserError(f"{what}: {host}:{port} is already in use") from None
+            raise UserError(f"{what}: cannot listen on {host}:{port} ({error.strerror or error})") from None

@@ -1,0 +1,184 @@
+"""How `auto` picks a CPU engine per batch size: a short timing run on this machine, cached and reused.
+
+Which engine is fastest depends on the batch size (per-call overhead rules batch 1, GEMM kernels rule
+large batches) and on the machine (vector extensions, core count, library versions), so it is
+measured rather than assumed. Like TensorRT's timing cache, the result is stored once per machine,
+library versions and model (sha256), verified when read, and written atomically.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vae_rt import __version__
+from vae_rt.data import cache_dir
+from vae_rt.files import write_atomic
+from vae_rt.machine import cpu_isa, cpu_model
+from vae_rt.timing import time_calls
+
+log = logging.getLogger(__name__)
+
+PROBE_BATCHES = (1, 32, 1024)  # latency-bound to GEMM-bound (the CPU batch); other sizes take the nearest probe's winner
+ROUNDS = 3  # interleaved: a drift on a shared machine hits every engine alike
+ROUND_SECONDS = 0.02  # per engine, probe and round (at least 2 calls): the whole run takes a few seconds
+Timings = dict[str, dict[int, float]]  # engine label ('ort fp32') -> probe batch -> median seconds per call
+
+
+def engine_label(backend: str, precision: str) -> str:
+    return f"{backend} {precision}"
+
+
+def tuning_key(model_sha256: str, engines: list[str], probes: tuple[int, ...] = PROBE_BATCHES) -> dict[str, Any]:
+    """Everything the timings depend on; a cached result is reused only when all of it matches."""
+    return {
+        "cpu": cpu_model(),
+        "isa": cpu_isa(),
+        "threads": torch.get_num_threads(),
+        "versions": _versions(),
+        "model_sha256": model_sha256,
+        "engines": sorted(engines),
+        "probes": list(probes),
+    }
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"vae_rt": __version__, "torch": torch.__version__}
+    for package in ("onnxruntime", "openvino"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "absent"
+    return found
+
+
+def cache_path(key: Mapping[str, Any]) -> Path:
+    return cache_dir() / "tuning" / f"{_digest(key)[:16]}.json"
+
+
+def _digest(value: Any) -> str:
+    """sha256 of `value` as JSON stores it (int keys become strings first, so a reread digests the same)."""
+    canonical = json.loads(json.dumps(value))
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+
+
+def save_timings(path: Path, key: Mapping[str, Any], timings: Timings) -> None:
+    payload = {"key": key, "timings": timings}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps({**payload, "sha256": _digest(payload)}, indent=2, sort_keys=True) + "\n")
+
+
+def load_timings(path: Path, key: Mapping[str, Any]) -> Timings | None:
+    """The cached timings for `key`, or None (logged) when the file is missing, altered, or from another machine or model."""
+    try:
+        stored = json.loads(path.read_text())
+        payload = {"key": stored["key"], "timings": stored["timings"]}
+        intact = stored["sha256"] == _digest(payload)
+        timings = {engine: {int(b): float(s) for b, s in per_batch.items()} for engine, per_batch in stored["timings"].items()}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        log.info("tuning cache %s is unreadable; measuring again", path)
+        return None
+    complete = sorted(timings) == sorted(key["engines"]) and all(
+        sorted(per_batch) == sorted(key["probes"]) and all(math.isfinite(s) and s > 0 for s in per_batch.values())
+        for per_batch in timings.values()
+    )
+    if not (intact and stored["key"] == json.loads(json.dumps(key)) and complete):
+        log.info("tuning cache %s does not match this machine, model or versions (or was altered); measuring again", path)
+        return None
+    return timings
+
+
+def measure(
+    calls: Mapping[str, Callable[[torch.Tensor], Any]],
+    z_dim: int,
+    probes: tuple[int, ...] = PROBE_BATCHES,
+    rounds: int = ROUNDS,
+    seconds: float = ROUND_SECONDS,
+) -> Timings:
+    """Median seconds per call of each engine's decode at each probe batch, engines interleaved round by round."""
+    latencies: dict[str, dict[int, list[float]]] = {label: {b: [] for b in probes} for label in calls}
+    for batch in probes:
+        z = torch.randn(batch, z_dim, generator=torch.Generator().manual_seed(batch))
+        for round_ in range(rounds):
+            for label, decode in calls.items():
+                timing = time_calls(functools.partial(decode, z), warmup=seconds if round_ == 0 else 0.0,
+                                    min_duration=seconds, min_iterations=2)
+                latencies[label][batch] += timing.latencies
+    return {label: {b: _median(values) for b, values in per_batch.items()} for label, per_batch in latencies.items()}
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+def nearest_probe(batch: int, probes: list[int] | tuple[int, ...]) -> int:
+    """The probe closest to `batch` on a log scale (ties go to the larger probe): cost per call scales with log size."""
+    return min(probes, key=lambda p: (abs(math.log2(max(batch, 1)) - math.log2(p)), -p))
+
+
+def fastest(timings: Timings, batch: int) -> str:
+    """The engine with the lowest measured time at the probe nearest to `batch`."""
+    probe = nearest_probe(batch, sorted(next(iter(timings.values()))))
+    return min(sorted(timings), key=lambda engine: timings[engine][probe])
+
+
+def explain(timings: Timings) -> str:
+    """One line: the winner at each probe batch and its lead over the runner-up, e.g. 'batch 1: ort fp32 (1.4x over ...)'."""
+    parts = []
+    for probe in sorted(next(iter(timings.values()))):
+        ranked = sorted(timings, key=lambda engine: timings[engine][probe])
+        winner = ranked[0]
+        lead = f", {timings[ranked[1]][probe] / timings[winner][probe]:.2f}x over {ranked[1]}" if len(ranked) > 1 else ""
+        parts.append(f"batch {probe}: {winner} ({timings[winner][probe] * 1e6:.0f} us{lead})")
+    return "; ".join(parts)
+
+
+CPU_ENGINES = {  # precision -> the backends serving it on the CPU
+    "fp32": ("ort", "openvino", "torch"),
+    "bf16": ("openvino", "torch"),
+    "fp16": ("ort",),
+}
+REDUCED_ORDER = ("bf16", "fp16")  # reduced precisions `precision="auto"` may add, once their quality gate passed
+
+
+def allowed_precisions(precision: str | None, gates_passed: list[str]) -> list[str]:
+    """The precisions `auto` may run: fp32 by default; with 'auto', fp32 plus each reduced one whose gate passed."""
+    if precision is None:
+        return ["fp32"]
+    if precision == "auto":
+        return ["fp32"] + [p for p in REDUCED_ORDER if p in gates_passed]
+    return [precision]
+
+
+def candidate_engines(precisions: list[str], kind: str, stored: str, installed: set[str], bf16_native: bool) -> list[tuple[str, str]]:
+    """(backend, precision) pairs worth timing for a model of `kind` ('checkpoint' or 'onnx') stored in `stored`.
+
+    torch needs a checkpoint; ort runs a checkpoint's export in any precision, or an ONNX file as it is;
+    OpenVINO reads fp32 models and runs bf16 only where the CPU has it natively (it would fall back to
+    fp32 otherwise, which its backend refuses). torch stays a bf16 candidate without native bf16: asked
+    for explicitly, it is what has always run.
+    """
+    engines = []
+    for precision in precisions:
+        for backend in CPU_ENGINES.get(precision, ()):
+            runs = {
+                "torch": kind == "checkpoint",
+                "ort": kind == "checkpoint" or precision == stored,
+                "openvino": stored == "fp32" and (precision == "fp32" or bf16_native),
+            }[backend]
+            if runs and backend in installed:
+                engines.append((backend, precision))
+    return engines
