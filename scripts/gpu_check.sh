@@ -40,21 +40,7 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND under a time limit, its ou
 has() { "$py" -c "import $1" >/dev/null 2>&1; }
 
 # What can run here; a backend that cannot is named with its reason, never passed over in silence.
-probe='
-import sys, torch
-from vae_rt.backends.ort import CUDA_EP, available_providers
-from vae_rt.engine import engine_skip_reason
-print("torch", torch.__version__, "CUDA", torch.version.cuda)
-if not torch.cuda.is_available():
-    sys.exit("no CUDA GPU visible to torch: nothing here can be checked")
-print("GPU", torch.cuda.get_device_name(), "sm", ".".join(map(str, torch.cuda.get_device_capability())))
-if engine_skip_reason():
-    print("SKIP trt (backend, tests, bench rows):", engine_skip_reason())
-if CUDA_EP not in available_providers():
-    print("SKIP ort-cuda (backend, tests, bench rows): onnxruntime has no CUDAExecutionProvider",
-          "(providers:", ", ".join(available_providers()) or "onnxruntime not installed", "- onnxruntime-gpu is needed)")
-'
-if step probe 60 "$py" -c "$probe"; then
+if step probe 60 "$py" scripts/gpu_probe.py; then
     step doctor 60 "$py" -m vae_rt doctor
     test_args=(-m gpu -rs -q -p no:cacheprovider tests)
     if has pytest_benchmark; then

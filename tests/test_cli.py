@@ -81,7 +81,7 @@ def test_export_writes_both_onnx_files_and_skips_the_engine(tmp_path, tutorial_s
         assert (tmp_path / "export" / f"checkpoint_8.{precision}.onnx").is_file()
         assert (tmp_path / "export" / f"checkpoint_8.{precision}.onnx.json").is_file()
     assert "PASS fp32" in output and "PASS fp16" in output and "within fp16 range" in output
-    assert (tmp_path / "triton" / "vae_decoder_onnx" / "1" / "model.onnx").is_file()
+    assert (tmp_path / "triton" / "vae_decoder" / "1" / "model.onnx").is_file()
     from vae_rt.capabilities import engine_skip_reason
 
     assert ("engine skipped:" in output) == (engine_skip_reason() is not None)

@@ -3,6 +3,7 @@
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FAKE_PYTHON = """#!/usr/bin/env bash
 # python for the script's steps: FAKE_FAIL names a word of a step to fail, FAKE_SLEEP one to hang
 args="$*"
-case "$args" in -c*) [[ "$args" == *SKIP* ]] && echo "SKIP trt (backend, tests, bench rows): TensorRT is not installed"
-    [[ "$args" == *SKIP* && -n "${FAKE_NO_GPU:-}" ]] && { echo "no CUDA GPU visible to torch" >&2; exit 1; }
-    exit 0 ;; esac
+case "$args" in -c*) exit 0 ;;
+    *gpu_probe.py) [[ -n "${FAKE_NO_GPU:-}" ]] && { echo "no CUDA GPU visible to torch" >&2; exit 1; }
+        echo "SKIP trt (backend, tests, bench rows): TensorRT is not installed"; exit 0 ;; esac
 [[ -n "${FAKE_SLEEP:-}" && "$args" == *"$FAKE_SLEEP"* ]] && exec sleep 60
 [[ "$args" == *pytest* ]] && echo "SKIPPED [1] tests/test_parity.py:40: needs onnxruntime-gpu: no CUDAExecutionProvider"
 [[ -n "${FAKE_FAIL:-}" && "$args" == *"$FAKE_FAIL"* ]] && { echo "boom"; exit 3; }
@@ -59,3 +60,19 @@ def test_a_hanging_step_is_stopped_and_the_budget_is_kept(tmp_path):
 def test_no_gpu_stops_after_the_probe(tmp_path):
     code, summary = run_check(tmp_path, FAKE_NO_GPU="1")
     assert code == 1 and "FAIL     probe: exit 1" in summary and "NOT RUN  doctor, gpu-tests" in summary
+
+
+def test_the_real_probe_runs_and_fails_without_a_gpu():
+    """The probe's own imports work (a stand-in python would not notice a broken one), and no GPU fails it."""
+    if torch_sees_gpu():
+        pytest.skip("a CUDA GPU is visible: the probe passes here, gpu_check.sh itself covers it")
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_probe.py")], cwd=ROOT, capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120, check=False)
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.startswith("torch ") and "no CUDA GPU visible to torch" in result.stderr
+
+
+def torch_sees_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,8 +1,8 @@
 """`vae-rt serve`: the Sampler behind Triton's HTTP/gRPC protocol, in an embedded Triton (PyTriton).
 
 The model `vae_decoder` takes `z` FP32 [-1, z_dim] and answers `image` FP32 [-1, 784]: the names,
-dims and dtypes of the models `vae-rt export --triton` writes, so a client moves to a real Triton
-server unchanged but for the model name. Triton's dynamic batcher merges concurrent requests into one
+dims and dtypes of the model `vae-rt export --triton` writes, so a client moves to a real Triton
+server unchanged. Triton's dynamic batcher merges concurrent requests into one
 call of the inference function; one instance runs at a time, so one backend serves them safely.
 Triton itself rejects a wrong shape or dtype and a batch above the maximum; NaN/Inf is refused here.
 """
