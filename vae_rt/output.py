@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.utils import save_image
 
 from vae_rt.direct_io import open_append_stream
 from vae_rt.errors import RuntimeFailure, UserError
@@ -75,6 +74,8 @@ def _to_uint8_single_thread(images: np.ndarray, scratch: dict[str, np.ndarray]) 
 
 def write_png(images: torch.Tensor, path: Path, nrow: int | None = None) -> None:
     """A grid of [n, 1, 28, 28] images, `nrow` per row (a square grid when None)."""
+    from torchvision.utils import save_image  # imported here: torchvision is slow to import and only PNGs need it
+
     nrow = nrow or math.ceil(math.sqrt(len(images)))
     with atomic_path(Path(path)) as tmp:
         save_image(images.float().cpu(), tmp, nrow=nrow, padding=2, format="png")

@@ -21,17 +21,17 @@ from typing import Any
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torchvision.utils import save_image
 
 from vae_rt.backends import resolve_device
 from vae_rt.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from vae_rt.data import load_mnist
 from vae_rt.errors import RuntimeFailure, UserError
 from vae_rt.evaluate import test_loss, to_pixels
-from vae_rt.files import atomic_path, make_dir, write_atomic
+from vae_rt.files import make_dir, write_atomic
 from vae_rt.gradients import elbo_backward
 from vae_rt.limits import MAX_EPOCHS, MAX_Z_DIM, check_between, check_seed
-from vae_rt.model import VAE, VAEConfig
+from vae_rt.model import IMAGE_SHAPE, VAE, VAEConfig
+from vae_rt.output import write_png
 
 log = logging.getLogger(__name__)
 
@@ -308,8 +308,7 @@ class _Run:
 
 
 def _save_grid(path: Path, pixels: torch.Tensor, nrow: int) -> None:
-    with atomic_path(path) as tmp:
-        save_image(pixels.view(-1, 1, 28, 28).cpu(), tmp, nrow=nrow, format="png")
+    write_png(pixels.view(-1, *IMAGE_SHAPE), path, nrow)
 
 
 def _checkpoints(out_dir: Path) -> list[Path]:
