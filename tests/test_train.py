@@ -16,16 +16,29 @@ def _losses(history):
     return [{k: m[k] for k in LOSS_KEYS} for m in history]
 
 
-def test_two_epochs_follow_the_tutorial_and_a_resumed_run_is_identical(tmp_path, mnist_dir):
-    full = train(tmp_path / "full", TrainOptions(epochs=2), data_dir=mnist_dir, device="cpu")
+@pytest.fixture
+def small_mnist(mnist_dir, monkeypatch):
+    """The trainer on 2048 training and 512 test images: the bookkeeping of a run in a second per epoch."""
+    images = load_mnist(mnist_dir)[0]
+    monkeypatch.setattr(train_module, "load_mnist", lambda data_dir: (images[:2048], images[-512:]))
+    return 2048 // 128  # batches per epoch
+
+
+def test_two_epochs_follow_the_tutorial(tmp_path, mnist_dir):
+    full = train(tmp_path, TrainOptions(epochs=2), data_dir=mnist_dir, device="cpu")
     # The tutorial's published test losses after epochs 1 and 2 (batch 128): 164.07 and 156.23.
     assert full[0]["test_loss"] == pytest.approx(164.07, abs=3)
     assert full[1]["test_loss"] == pytest.approx(156.23, abs=3)
     assert full[1]["train_loss"] < full[0]["train_loss"]
+    _, ckpt = load_checkpoint(tmp_path / "model.pth")
+    assert "optimizer" not in ckpt and ckpt["metrics"][-1]["test_loss"] == full[1]["test_loss"]
 
+
+def test_a_resumed_run_is_identical_to_an_uninterrupted_one(tmp_path, small_mnist):
+    full = train(tmp_path / "full", TrainOptions(epochs=2), device="cpu")
     run = tmp_path / "resumed"
-    train(run, TrainOptions(epochs=1), data_dir=mnist_dir, device="cpu")  # as if killed after epoch 1
-    resumed = train(run, TrainOptions(epochs=2), data_dir=mnist_dir, device="cpu", resume=True)
+    train(run, TrainOptions(epochs=1), device="cpu")  # as if killed after epoch 1
+    resumed = train(run, TrainOptions(epochs=2), device="cpu", resume=True)
     assert _losses(resumed) == _losses(full)
 
     for name in ("checkpoint_2.pth", "reconstruction_2.png", "sample_2.png", "model.pth"):
@@ -42,18 +55,18 @@ def test_old_epoch_checkpoints_are_pruned(tmp_path, mnist_dir, monkeypatch):
     assert sorted(p.name for p in tmp_path.glob("checkpoint_*.pth")) == ["checkpoint_3.pth"]
 
 
-def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mnist_dir, monkeypatch):
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, small_mnist, monkeypatch):
     real_step = train_module.elbo_backward
     steps = {"n": 0}
 
     def step_that_explodes_in_epoch_2(*args):
         steps["n"] += 1
         loss = real_step(*args)
-        return loss * float("nan") if steps["n"] > 469 else loss  # 469 batches of 128 per epoch
+        return loss * float("nan") if steps["n"] > small_mnist else loss
 
     monkeypatch.setattr(train_module, "elbo_backward", step_that_explodes_in_epoch_2)
     with pytest.raises(RuntimeFailure, match=r"loss is nan at epoch 2, batch 1; the last good checkpoint is .*checkpoint_1.pth"):
-        train(tmp_path, TrainOptions(epochs=3), data_dir=mnist_dir, device="cpu")
+        train(tmp_path, TrainOptions(epochs=3), device="cpu")
     assert load_checkpoint(tmp_path / "checkpoint_1.pth")[1]["metrics"][-1]["epoch"] == 1
 
 
@@ -75,10 +88,8 @@ def test_bad_options_are_rejected_before_any_work(tmp_path, options, message):
     assert not (tmp_path / "never").exists()
 
 
-def test_moving_average_run_resumes_identically(tmp_path, mnist_dir, monkeypatch):
+def test_moving_average_run_resumes_identically(tmp_path, small_mnist):
     """With --ema the saved weights are the average, and resume restores both the average and the raw weights."""
-    images = load_mnist(mnist_dir)[0]
-    monkeypatch.setattr(train_module, "load_mnist", lambda data_dir: (images[:2048], images[-512:]))  # small and quick
     options = TrainOptions(epochs=2, ema=0.9)
     full = train(tmp_path / "full", options, device="cpu")
     train(tmp_path / "resumed", TrainOptions(epochs=1, ema=0.9), device="cpu")
