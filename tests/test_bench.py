@@ -35,6 +35,10 @@ def test_targets_skip_pointless_pairs():
     assert targets == [("torch", "fp32", "cpu"), ("torch", "bf16", "cpu"), ("ort", "fp32", "cpu"), ("ort", "fp16", "cpu")]
     assert bench_targets(["torch", "trt"], ["fp16"], "cpu") == []
     assert ("trt", "fp16", "cuda") in bench_targets(["trt"], ["fp16"], "auto")  # kept, to say why it is skipped
+    # precision auto is backend auto's gated choice; auto's other precisions are fixed engines' rows
+    assert bench_targets(["auto", "ort"], ["fp32", "auto", "int8"], "cpu") == [
+        ("auto", "fp32", "cpu"), ("auto", "auto", "cpu"), ("ort", "fp32", "cpu"), ("ort", "int8", "cpu"),
+    ]
 
 
 def test_timed_call_copies_to_the_host_only_from_a_gpu():

@@ -35,11 +35,11 @@ def test_fastest_engine_per_batch_size_and_the_explanation():
     assert "batch 1024: openvino fp32 (1500 us, 1.20x over torch fp32)" in why
 
 
-def test_allowed_precisions_add_only_reduced_ones_whose_gate_passed():
-    assert tuning.allowed_precisions(None, ["bf16", "fp16"]) == ["fp32"]  # fp32 unless asked
-    assert tuning.allowed_precisions("auto", []) == ["fp32"]
-    assert tuning.allowed_precisions("auto", ["fp16", "bf16"]) == ["fp32", "bf16", "fp16"]
-    assert tuning.allowed_precisions("bf16", []) == ["bf16"]  # asked for explicitly: no gate needed
+def test_requested_precisions_add_reduced_ones_only_for_precision_auto():
+    assert tuning.requested_precisions(None, bf16_native=True) == ["fp32"]  # fp32 unless asked
+    assert tuning.requested_precisions("auto", bf16_native=False) == ["fp32", "int8"]  # emulated bf16 is slow
+    assert tuning.requested_precisions("auto", bf16_native=True) == ["fp32", "bf16", "int8"]
+    assert tuning.requested_precisions("bf16", bf16_native=False) == ["bf16"]  # asked for explicitly: it runs
 
 
 def test_candidate_engines_follow_what_each_backend_can_read():
@@ -54,6 +54,7 @@ def test_candidate_engines_follow_what_each_backend_can_read():
     assert tuning.candidate_engines(["fp32"], "onnx", "fp32", {"torch"}, True) == []  # torch cannot read ONNX
     assert tuning.candidate_engines(["fp16"], "onnx", "fp16", everything, True) == [("ort", "fp16")]
     assert tuning.candidate_engines(["fp16"], "onnx", "fp32", everything, True) == []  # no fp16 twin of the file
+    assert tuning.candidate_engines(["int8"], "checkpoint", "fp32", everything, True) == [("ort", "int8")]
 
 
 def test_cache_round_trip_and_every_reason_to_distrust_it(tmp_path):
@@ -65,7 +66,7 @@ def test_cache_round_trip_and_every_reason_to_distrust_it(tmp_path):
     assert tuning.load_timings(path, {**key, "model_sha256": "cd" * 32}) is None  # another model
     assert tuning.load_timings(path, {**key, "threads": key["threads"] + 1}) is None  # another machine setup
     stored = json.loads(path.read_text())
-    stored["timings"]["ort fp32"]["1"] = 1e-9  # edited by hand: the checksum no longer matches
+    stored["value"]["ort fp32"]["1"] = 1e-9  # edited by hand: the checksum no longer matches
     path.write_text(json.dumps(stored))
     assert tuning.load_timings(path, key) is None
     path.write_text("{not json")

@@ -125,11 +125,13 @@ def bench_targets(
         for backend in backends:
             for precision in precisions:
                 pointless_on_cpu = (backend, precision) in (("torch", "fp16"), ("ort", "bf16"), ("openvino", "fp16")) or (
-                    backend == "auto" and precision != "fp32"  # auto on the CPU is fp32 unless told otherwise
+                    backend == "auto" and precision not in ("fp32", "auto")  # auto on the CPU: fp32, or the gated choice
                 )
+                auto_precision_elsewhere = precision == "auto" and backend != "auto"  # only backend auto chooses precisions
                 cpu_only_int8 = precision == "int8" and (backend == "torch" or dev != "cpu")  # int8 is ort on the CPU
                 openvino_on_cuda = backend == "openvino" and dev == "cuda"
-                if backend == "trt" or cpu_only_int8 or openvino_on_cuda or (dev == "cpu" and pointless_on_cpu):
+                skip = backend == "trt" or auto_precision_elsewhere or cpu_only_int8 or openvino_on_cuda
+                if skip or (dev == "cpu" and pointless_on_cpu):
                     continue
                 targets.append((backend, precision, dev))
     if "trt" in backends and "fp16" in precisions and device != "cpu":

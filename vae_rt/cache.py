@@ -7,11 +7,18 @@ Problems with the folder itself name the variable: it is what the user controls 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from vae_rt.errors import UserError
-from vae_rt.files import check_writable_folder, sha256_file
+from vae_rt.files import check_writable_folder, sha256_file, write_atomic
+
+log = logging.getLogger(__name__)
 
 CACHE_DIR_ENV = "VAE_RT_CACHE_DIR"
 
@@ -69,3 +76,38 @@ def onnx_entry_problem(path: Path, source_sha256: str, precision: str) -> str | 
     if recorded != io_contract(z_dim, x_dim) or found != precision:
         return f"it holds a {found} model with z_dim {z_dim}, not what its manifest records"
     return None
+
+
+def record_path(kind: str, key: Mapping[str, Any]) -> Path:
+    """Where the record of `kind` ('tuning', 'gates') for `key` lives: one file per key."""
+    return cache_dir() / kind / f"{json_digest(key)[:16]}.json"
+
+
+def json_digest(value: Any) -> str:
+    """sha256 of `value` as JSON stores it (int keys become strings first, so a reread digests the same)."""
+    canonical = json.loads(json.dumps(value))
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+
+
+def save_record(path: Path, key: Mapping[str, Any], value: Any) -> None:
+    """A measurement or verdict for `key`, with a checksum over both, written atomically."""
+    payload = {"key": key, "value": value}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps({**payload, "sha256": json_digest(payload)}, indent=2, sort_keys=True) + "\n")
+
+
+def load_record(path: Path, key: Mapping[str, Any]) -> Any | None:
+    """The value saved for `key`, or None (logged) when the file is missing, unreadable, altered or for another key."""
+    try:
+        stored = json.loads(path.read_text())
+        payload = {"key": stored["key"], "value": stored["value"]}
+        intact = stored["sha256"] == json_digest(payload)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        log.info("%s is unreadable; measuring again", describe(path))
+        return None
+    if not (intact and stored["key"] == json.loads(json.dumps(key))):
+        log.info("%s was altered or is for another machine, model or version; measuring again", describe(path))
+        return None
+    return stored["value"]

@@ -395,7 +395,9 @@ def compare(
 def bench(
     model: ModelOption = None,
     backends: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(BACKEND_CHOICES)}.")] = ",".join(BACKEND_CHOICES),
-    precisions: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(PRECISIONS)}.")] = "fp32,fp16,bf16",  # int8 on request: its export needs MNIST
+    precisions: Annotated[
+        str, typer.Option(help=f"Comma-separated: {', '.join(PRECISION_CHOICES)} (auto: backend auto's gated choice).")
+    ] = "fp32,fp16,bf16",  # int8 and auto on request: they need MNIST for their quality gates
     device: DeviceOption = "auto",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,64,1024,8192",
     duration: Annotated[float, typer.Option(help="Seconds timed per row, spread over 5 interleaved rounds (after warm-up).")] = 1.0,
@@ -415,7 +417,8 @@ def bench(
     for option, path in (("--json", json_path), ("--plot", plot)):  # checked now, not after minutes of timing
         if path is not None:
             check_file_target(option, path)
-    targets = bench_targets(*_backends_and_precisions(backends, precisions), device)
+    chosen_backends = _split_choices("--backends", backends, BACKEND_CHOICES)
+    targets = bench_targets(chosen_backends, _split_choices("--precisions", precisions, PRECISION_CHOICES), device)
     with err.status("benchmarking") as status:
         rows, limits = run_benchmarks(targets, sizes, model, duration, on_row=lambda r: status.update(f"{r.runs_on}, batch {r.batch}"),
                                       peers=tuple(PEERS) if peers else ())

@@ -61,13 +61,23 @@ def resolve_backend(
 
 
 def cpu_auto_backend(path: Path, kind: str, precision: str | None) -> tuple[BaseBackend, str]:
-    """`auto` on the CPU, and why: the engines that can serve `precision` here, chosen per batch size by a cached timing run."""
+    """`auto` on the CPU, and why: the engines that can serve `precision` here, chosen per batch size by a cached timing run.
+
+    With precision 'auto', reduced-precision engines join fp32 once their quality gate passed on this
+    model; the gate scores the test set through the model's encoder, so it needs the checkpoint.
+    """
     from vae_rt.backends.auto import AutoBackend
-    from vae_rt.tuning import allowed_precisions, candidate_engines
+    from vae_rt.tuning import candidate_engines, requested_precisions
 
     installed = {"torch"} | ({"ort"} if available_providers() else set()) | ({"openvino"} if _installed("openvino") else set())
     z_dim, _, stored = inspect_onnx(path) if kind == "onnx" else (read_checkpoint(path)["config"].z_dim, 0, "fp32")
-    precisions = allowed_precisions(precision, gates_passed=[]) if stored == "fp32" else [stored]
+    if stored != "fp32":
+        precisions = [stored]
+    elif precision == "auto" and kind != "checkpoint":
+        log.info("precision auto: %s is not a checkpoint, and a reduced precision is judged through its encoder: fp32 only", path)
+        precisions = ["fp32"]
+    else:
+        precisions = requested_precisions(precision, native_bf16())
     engines = candidate_engines(precisions, kind, stored, installed, native_bf16())
     if not engines:
         raise UserError(f"no CPU backend can run {path} in {', '.join(precisions)} here")
@@ -75,10 +85,17 @@ def cpu_auto_backend(path: Path, kind: str, precision: str | None) -> tuple[Base
     def make(backend: str, engine_precision: str) -> BaseBackend:
         return create_backend(backend, path, kind, engine_precision, "cpu", cuda_graphs=False)
 
+    digest = sha256_file(path)
+    gate_lines: list[str] = []
+    if precision == "auto" and len(precisions) > 1:
+        from vae_rt.gates import passing_engines
+
+        engines, gate_lines = passing_engines(engines, make, path, digest)
+    gates = f"; quality gates: {'; '.join(gate_lines)}" if gate_lines else ""
     if len(engines) == 1:  # nothing to choose between, nothing to time
-        return make(*engines[0]), f"{' '.join(engines[0])} is the only CPU engine for {', '.join(precisions)} here"
-    auto = AutoBackend(engines, make, sha256_file(path), z_dim).open()
-    return auto, auto.why
+        return make(*engines[0]), f"{' '.join(engines[0])} is the only CPU engine for {', '.join(precisions)} here{gates}"
+    auto = AutoBackend(engines, make, digest, z_dim).open()
+    return auto, auto.why + gates
 
 
 def _installed(module: str) -> bool:

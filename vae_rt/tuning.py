@@ -9,8 +9,6 @@ library versions and model (sha256), verified when read, and written atomically.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -20,8 +18,7 @@ from typing import Any
 import torch
 
 from vae_rt import __version__
-from vae_rt.cache import cache_dir
-from vae_rt.files import write_atomic
+from vae_rt.cache import load_record, record_path, save_record
 from vae_rt.machine import cpu_isa, cpu_model
 from vae_rt.timing import time_calls
 
@@ -43,14 +40,15 @@ def tuning_key(model_sha256: str, engines: list[str], probes: tuple[int, ...] = 
         "cpu": cpu_model(),
         "isa": cpu_isa(),
         "threads": torch.get_num_threads(),
-        "versions": _versions(),
+        "versions": library_versions(),
         "model_sha256": model_sha256,
         "engines": sorted(engines),
         "probes": list(probes),
     }
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
+    """The versions every timing and quality verdict depends on."""
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"vae_rt": __version__, "torch": torch.__version__}
@@ -63,39 +61,26 @@ def _versions() -> dict[str, str]:
 
 
 def cache_path(key: Mapping[str, Any]) -> Path:
-    return cache_dir() / "tuning" / f"{_digest(key)[:16]}.json"
-
-
-def _digest(value: Any) -> str:
-    """sha256 of `value` as JSON stores it (int keys become strings first, so a reread digests the same)."""
-    canonical = json.loads(json.dumps(value))
-    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+    return record_path("tuning", key)
 
 
 def save_timings(path: Path, key: Mapping[str, Any], timings: Timings) -> None:
-    payload = {"key": key, "timings": timings}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps({**payload, "sha256": _digest(payload)}, indent=2, sort_keys=True) + "\n")
+    save_record(path, key, timings)
 
 
 def load_timings(path: Path, key: Mapping[str, Any]) -> Timings | None:
-    """The cached timings for `key`, or None (logged) when the file is missing, altered, or from another machine or model."""
+    """The cached timings for `key`, or None (logged) when the file is missing, altered, incomplete, or from another machine or model."""
+    stored = load_record(path, key)
     try:
-        stored = json.loads(path.read_text())
-        payload = {"key": stored["key"], "timings": stored["timings"]}
-        intact = stored["sha256"] == _digest(payload)
-        timings = {engine: {int(b): float(s) for b, s in per_batch.items()} for engine, per_batch in stored["timings"].items()}
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        log.info("tuning cache %s is unreadable; measuring again", path)
-        return None
+        timings = {engine: {int(b): float(s) for b, s in per_batch.items()} for engine, per_batch in stored.items()}
+    except (AttributeError, ValueError, TypeError):
+        return None  # None itself, or not a table of numbers
     complete = sorted(timings) == sorted(key["engines"]) and all(
         sorted(per_batch) == sorted(key["probes"]) and all(math.isfinite(s) and s > 0 for s in per_batch.values())
         for per_batch in timings.values()
     )
-    if not (intact and stored["key"] == json.loads(json.dumps(key)) and complete):
-        log.info("tuning cache %s does not match this machine, model or versions (or was altered); measuring again", path)
+    if not complete:
+        log.info("tuning cache %s does not time every engine at every probe; measuring again", path)
         return None
     return timings
 
@@ -150,16 +135,22 @@ CPU_ENGINES = {  # precision -> the backends serving it on the CPU
     "fp32": ("ort", "openvino", "torch"),
     "bf16": ("openvino", "torch"),
     "fp16": ("ort",),
+    "int8": ("ort",),
 }
-REDUCED_ORDER = ("bf16", "fp16")  # reduced precisions `precision="auto"` may add, once their quality gate passed
+# What `precision="auto"` may add to fp32 once its quality gate passed. Not fp16: ONNX Runtime's CPU
+# provider computes it in fp32 and converts around it, slower than fp32 (docs/benchmarks.md).
+AUTO_REDUCED = ("bf16", "int8")
 
 
-def allowed_precisions(precision: str | None, gates_passed: list[str]) -> list[str]:
-    """The precisions `auto` may run: fp32 by default; with 'auto', fp32 plus each reduced one whose gate passed."""
+def requested_precisions(precision: str | None, bf16_native: bool) -> list[str]:
+    """The precisions `auto` may time: fp32 by default; with 'auto', fp32 and the reduced ones worth judging here.
+
+    bf16 only where the CPU has it natively: emulated, it is several times slower than fp32.
+    """
     if precision is None:
         return ["fp32"]
     if precision == "auto":
-        return ["fp32"] + [p for p in REDUCED_ORDER if p in gates_passed]
+        return ["fp32", *(p for p in AUTO_REDUCED if p != "bf16" or bf16_native)]
     return [precision]
 
 

@@ -1,0 +1,66 @@
+"""Which reduced-precision engines a model may run under `precision="auto"`: those whose quality gate passed.
+
+Each engine (e.g. 'ort int8', 'openvino bf16') is scored through its own decode, since kernels differ
+in rounding, on the MNIST test set against the fp32 decoder (`quality.py`). The verdicts are kept per
+model and library versions in the cache folder, verified when read, so the gate runs once per model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vae_rt.backends import BaseBackend
+from vae_rt.cache import load_record, record_path, save_record
+from vae_rt.errors import RuntimeFailure, UserError
+from vae_rt.machine import cpu_model
+from vae_rt.tuning import engine_label, library_versions
+
+log = logging.getLogger(__name__)
+
+Factory = Callable[[str, str], BaseBackend]  # (backend, precision) -> an unopened backend
+Verdict = dict[str, Any]  # {"passed": bool, "summary": one line, "lasting": False when nothing could be judged}
+
+
+def passing_engines(
+    engines: list[tuple[str, str]], make: Factory, checkpoint: Path, model_sha256: str
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """The fp32 engines, plus the reduced ones whose gate passed; and one line per reduced engine saying why.
+
+    A gate that cannot be computed (no MNIST test set here) leaves its engine out, with the reason,
+    and is not cached: it is tried again next time.
+    """
+    from vae_rt.export import EXPORT_REVISION
+
+    reduced = {engine_label(*e): e for e in engines if e[1] != "fp32"}
+    key = {"model_sha256": model_sha256, "export_revision": EXPORT_REVISION, "cpu": cpu_model(), "versions": library_versions()}
+    path = record_path("gates", key)
+    cached: dict[str, Verdict] = load_record(path, key) or {}
+    verdicts = {label: cached.get(label) or _judge(engine, make, checkpoint) for label, engine in reduced.items()}
+    lasting = {**cached, **{label: v for label, v in verdicts.items() if v["lasting"]}}
+    if lasting != cached:
+        save_record(path, key, lasting)
+    kept = [e for e in engines if e[1] == "fp32" or verdicts[engine_label(*e)]["passed"]]
+    return kept, [f"{label}: {v['summary']}" for label, v in verdicts.items()]
+
+
+def _judge(engine: tuple[str, str], make: Factory, checkpoint: Path) -> Verdict:
+    """Score one engine's decoder on the test set; a verdict is lasting unless the scoring itself could not run."""
+    from vae_rt.checkpoint import load_checkpoint
+    from vae_rt.data import load_mnist
+    from vae_rt.evaluate import to_pixels
+    from vae_rt.quality import quality_gate
+
+    log.info("precision auto: scoring %s on the MNIST test set (its quality gate, once per model)", engine_label(*engine))
+    try:
+        model, _ = load_checkpoint(checkpoint)
+        pixels = to_pixels(load_mnist()[1])
+        with make(*engine).open() as backend:
+            gate = quality_gate(model, backend.decode, engine[1], pixels)
+    except RuntimeFailure as error:  # e.g. an int8 export that failed its own gate, or NaN output
+        return {"passed": False, "summary": f"failed: {error}", "lasting": True}
+    except UserError as error:  # e.g. no MNIST test set here: nothing was judged
+        return {"passed": False, "summary": f"not judged: {error}", "lasting": False}
+    return {"passed": gate.passed, "summary": gate.summary(), "lasting": True}
