@@ -30,6 +30,15 @@ def assert_one_line_error(args, message, code=2):
     assert "Traceback" not in output and len(output.strip().splitlines()) == 1, output
 
 
+def test_sample_counts_its_time_from_the_first_vae_rt_import(tmp_path, monkeypatch):
+    import vae_rt
+
+    monkeypatch.setattr(vae_rt, "STARTED", vae_rt.STARTED - 1000)  # as if importing had taken 1000 s
+    code, output = run("sample", "-n", 4, "--out", tmp_path / "s.png")
+    wrote = next(line for line in output.splitlines() if line.startswith("wrote"))
+    assert code == 0 and " in 10" in wrote.split("(")[0], output
+
+
 def test_sample_png_and_npy_agree_across_backends(tmp_path):
     code, output = run("sample", "-n", 16, "--out", tmp_path / "s.png")
     assert code == 0 and "wrote 16 images" in output and "samples/s" in output

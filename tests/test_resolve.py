@@ -53,8 +53,7 @@ def test_onnx_export_is_cached_by_checkpoint_content(random_checkpoint):
 
 
 def test_an_export_made_by_an_older_vae_rt_is_made_again(random_checkpoint):
-    from vae_rt.artifacts import read_manifest, write_manifest
-    from vae_rt.export import EXPORT_REVISION
+    from vae_rt.artifacts import EXPORT_REVISION, read_manifest, write_manifest
 
     path = cached_onnx(random_checkpoint, "fp32")
     manifest = read_manifest(path)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
+STARTED = time.perf_counter()  # commands report their time from here, so slow imports and exports count
+
 __version__ = "0.1.0"
 __all__ = ["Sampler", "__version__", "open_sampler"]
 

@@ -20,6 +20,8 @@ from vae_rt.errors import UserError
 from vae_rt.files import write_atomic
 from vae_rt.model import INPUT_NAME, OUTPUT_NAME, X_DIM
 
+EXPORT_REVISION = 2  # raised whenever the exported graph changes (2: fp32 sigmoid in fp16/int8), so caches re-export
+
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
 WEIGHT_PRECISIONS = ((onnx.TensorProto.INT8, "int8"), (onnx.TensorProto.FLOAT16, "fp16"))  # checked in this order

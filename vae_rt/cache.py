@@ -52,12 +52,12 @@ def cache_error(path: Path, why: str) -> UserError:
 def onnx_entry_problem(path: Path, source_sha256: str, precision: str) -> str | None:
     """Why the cached export at `path` must not be served (None: it may): its manifest, its own sha256, its I/O."""
     from vae_rt.artifacts import (  # onnx: only where an entry is read
+        EXPORT_REVISION,
         OnnxModelError,
         inspect_onnx,
         io_contract,
         read_manifest,
     )
-    from vae_rt.export import EXPORT_REVISION
 
     manifest = read_manifest(path)
     if manifest is None:

@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
+import vae_rt
 from vae_rt import __version__
 from vae_rt.backends import BACKEND_CHOICES, DEVICES, PRECISIONS
 from vae_rt.engine import DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH
@@ -303,7 +304,6 @@ def sample(
     from vae_rt.output import RING_SIZE, check_output, stream_npy, write_png
     from vae_rt.sampler import open_sampler
 
-    started = time.perf_counter()
     kind = check_output(out_path, n, dtype)
     with open_sampler(model, backend, precision, device, batch_size) as sampler:
         decode_started = time.perf_counter()
@@ -316,7 +316,7 @@ def sample(
                 stream_npy(batches, n, out_path, dtype, lambda k: bar.advance(task, k))
         decoding = time.perf_counter() - decode_started
         out.print(
-            f"wrote {n} images to {out_path} in {time.perf_counter() - started:.2f}s "
+            f"wrote {n} images to {out_path} in {time.perf_counter() - vae_rt.STARTED:.2f}s "
             f"(decode and write {decoding:.2f}s: {n / decoding:,.0f} samples/s) with {sampler.describe()}"
         )
 

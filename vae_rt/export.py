@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from vae_rt import __version__
-from vae_rt.artifacts import io_contract, onnx_path_for, write_manifest
+from vae_rt.artifacts import EXPORT_REVISION, io_contract, onnx_path_for, write_manifest
 from vae_rt.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
 from vae_rt.data import load_mnist
 from vae_rt.errors import RuntimeFailure, UserError, require
@@ -37,7 +37,6 @@ from vae_rt.quality import QualityGate, quality_gate
 log = logging.getLogger(__name__)
 
 OPSET = 18  # torchlib's base opset: no version conversion, stable across torch releases
-EXPORT_REVISION = 2  # raised whenever the exported graph changes (2: fp32 sigmoid in fp16/int8), so caches re-export
 FP16_MAX = 65504.0
 EXPORT_PRECISIONS = ("fp32", "fp16", "int8")
 VALIDATION_BATCHES = (1, 7, None)  # None: every latent, tails included

@@ -32,7 +32,7 @@ def passing_engines(
     A gate that cannot be computed (no MNIST test set here) leaves its engine out, with the reason,
     and is not cached: it is tried again next time.
     """
-    from vae_rt.export import EXPORT_REVISION
+    from vae_rt.artifacts import EXPORT_REVISION
 
     reduced = {engine_label(*e): e for e in engines if e[1] != "fp32"}
     key = {"model_sha256": model_sha256, "export_revision": EXPORT_REVISION, "cpu": cpu_model(), "versions": library_versions()}

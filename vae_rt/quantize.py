@@ -5,8 +5,7 @@ for TensorRT, zero points are 0 (symmetric activations). The choices, each measu
 against fp32 (docs/quality.md): weights per output channel; the first layer (z -> 256, 0.1 % of
 the FLOP) stays fp32, since an int8 z costs more than all the rest; Gemm outputs stay fp32, so
 the logits and the sigmoid are never rounded to 8 bits; activation ranges are the min-max of
-encoder posterior draws of real training images (a percentile scores 0.07 nats better on average
-but clips the rare large activation: a pixel off by 0.8 instead of 0.3 on prior draws).
+encoder posterior draws of real training images (a percentile clips the rare large activation).
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import torch
 from vae_rt.errors import require
 from vae_rt.model import INPUT_NAME, VAE, reparameterize
 
-CALIBRATION_IMAGES = 2000  # well under a second; more images or draws move the gate by < 0.01 nats
+CALIBRATION_IMAGES = 2000  # more images or draws barely move the gate (docs/quality.md)
 
 
 def calibration_latents(model: VAE, train_pixels: torch.Tensor, n: int = CALIBRATION_IMAGES, seed: int = 0) -> torch.Tensor:
