@@ -25,6 +25,20 @@ def mnist_dir() -> Path:
     return MNIST_DIR
 
 
+SMALL_TRAIN_IMAGES = 2048
+
+
+@pytest.fixture
+def small_mnist(mnist_dir, monkeypatch) -> int:
+    """The trainer on 2048 training and 512 test images: the bookkeeping of a run in a second per epoch."""
+    import vae_rt.train as train_module
+    from vae_rt.data import load_mnist
+
+    images = load_mnist(mnist_dir)[0]
+    monkeypatch.setattr(train_module, "load_mnist", lambda data_dir: (images[:SMALL_TRAIN_IMAGES], images[-512:]))
+    return SMALL_TRAIN_IMAGES // 128  # batches per epoch
+
+
 @pytest.fixture(autouse=True, scope="session")
 def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Unpacked MNIST and cached exports go to a temporary folder, never the user's ~/.cache.

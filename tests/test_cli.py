@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import typer
-from typer.testing import CliRunner
+from cli_runner import assert_one_line_error, run
 
 from vae_rt.cli import app
 
@@ -16,18 +16,6 @@ pytest.importorskip("onnxruntime")
 @pytest.fixture(autouse=True)
 def in_tmp_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # default outputs (samples.png, export/) land here, not in the checkout
-
-
-def run(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
-def assert_one_line_error(args, message, code=2):
-    exit_code, output = run(*args)
-    assert exit_code == code, output
-    assert message in output, output
-    assert "Traceback" not in output and len(output.strip().splitlines()) == 1, output
 
 
 def test_sample_counts_its_time_from_the_first_vae_rt_import(tmp_path, monkeypatch):
@@ -185,7 +173,7 @@ def test_device_cuda_without_cuda_exits_2_on_every_command(tmp_path, command):
     assert not list(tmp_path.iterdir())  # refused before any work
 
 
-def test_train_prints_one_line_per_epoch_and_writes_the_run(tmp_path, mnist_dir):
+def test_train_prints_one_line_per_epoch_and_writes_the_run(tmp_path, mnist_dir, small_mnist):
     code, output = run("train", "--epochs", 1, "--data-dir", mnist_dir, "--out", tmp_path / "run", "--device", "cpu")
     assert code == 0, output
     assert "epoch   1  train loss" in output and "test loss" in output and "done: 1 epoch, test loss" in output

@@ -5,7 +5,6 @@ import torch
 
 import vae_rt.train as train_module
 from vae_rt.checkpoint import load_checkpoint
-from vae_rt.data import load_mnist
 from vae_rt.errors import RuntimeFailure, UserError
 from vae_rt.train import TrainOptions, train
 
@@ -14,14 +13,6 @@ LOSS_KEYS = ("epoch", "lr", "train_loss", "test_loss")
 
 def _losses(history):
     return [{k: m[k] for k in LOSS_KEYS} for m in history]
-
-
-@pytest.fixture
-def small_mnist(mnist_dir, monkeypatch):
-    """The trainer on 2048 training and 512 test images: the bookkeeping of a run in a second per epoch."""
-    images = load_mnist(mnist_dir)[0]
-    monkeypatch.setattr(train_module, "load_mnist", lambda data_dir: (images[:2048], images[-512:]))
-    return 2048 // 128  # batches per epoch
 
 
 def test_two_epochs_follow_the_tutorial(tmp_path, mnist_dir):

@@ -24,8 +24,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from cli_runner import assert_one_line_error, run
 from onnx import TensorProto, helper, numpy_helper
-from typer.testing import CliRunner
 
 import vae_rt.output as output_module
 import vae_rt.train as train_module
@@ -34,7 +34,6 @@ from vae_rt.backends import get_backend
 from vae_rt.backends.ort import OrtBackend
 from vae_rt.cache import onnx_entry_problem
 from vae_rt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from vae_rt.cli import app
 from vae_rt.data import load_mnist
 from vae_rt.errors import RuntimeFailure, Terminated, UserError, sigterm_as_interrupt
 from vae_rt.files import atomic_path, sha256_file
@@ -48,21 +47,6 @@ pytest.importorskip("onnxruntime")
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "vae_rt"]
-
-
-def run(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
-def assert_one_line_error(args, *fragments, code=2):
-    exit_code, output = run(*args)
-    assert exit_code == code, output
-    lines = [line for line in output.strip().splitlines() if not line.startswith("exporting ")]  # the notice of slow work
-    assert "Traceback" not in output and ".tmp" not in output and len(lines) == 1, output
-    for fragment in fragments:
-        assert fragment in output, output
-    return output
 
 
 @contextlib.contextmanager
