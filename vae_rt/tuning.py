@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 PROBE_BATCHES = (1, 32, 1024)  # latency-bound to GEMM-bound (the CPU batch); other sizes take the nearest probe's winner
 ROUNDS = 3  # interleaved: a drift on a shared machine hits every engine alike
 ROUND_SECONDS = 0.02  # per engine, probe and round (at least 2 calls): the whole run takes a few seconds
+TUNING_REVISION = 2  # raised when what a timing includes changes (2: the NaN check off torch's pool), so caches re-tune
 Timings = dict[str, dict[int, float]]  # engine label ('ort fp32') -> probe batch -> median seconds per call
 
 
@@ -37,6 +38,7 @@ def engine_label(backend: str, precision: str) -> str:
 def tuning_key(model_sha256: str, engines: list[str], probes: tuple[int, ...] = PROBE_BATCHES) -> dict[str, Any]:
     """Everything the timings depend on; a cached result is reused only when all of it matches."""
     return {
+        "revision": TUNING_REVISION,
         "cpu": cpu_model(),
         "isa": cpu_isa(),
         "threads": torch.get_num_threads(),

@@ -81,7 +81,7 @@ class BaseBackend:
         if out is not None:  # always: an engine writes through its raw pointer
             check_out(out, latents.shape[0], self.device)
         images = self._decode(latents, out)
-        if self.precision != "fp32" and not bool(torch.isfinite(images).all()):
+        if self.precision != "fp32" and not all_finite(images):
             raise RuntimeFailure(f"{self.describe()}: output has NaN/Inf (reduced-precision overflow)")
         return images
 
@@ -103,6 +103,12 @@ class BaseBackend:
 def latent_rows(z: object) -> int:
     """How many latents `z` holds; 0 for what is not an array or is 0-d, which `check_latents` then names."""
     return z.shape[0] if getattr(z, "ndim", 0) else 0
+
+
+def all_finite(images: torch.Tensor) -> bool:
+    """Whether no value is NaN/Inf. Host tensors are checked by numpy, on this thread: torch's check would
+    wake its own thread pool, which then fights ONNX Runtime's for the cores (docs/benchmarks.md)."""
+    return bool(np.isfinite(images.numpy()).all()) if images.is_cpu else bool(torch.isfinite(images).all())
 
 
 def engine_latents(z: torch.Tensor | np.ndarray) -> Latents:
