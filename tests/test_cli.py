@@ -189,3 +189,16 @@ def test_help_texts_keep_their_brackets(command):
     for param in typer.main.get_command(app).commands[command].params:
         for bracketed in re.findall(r"\[[^\]]*\]", getattr(param, "help", None) or ""):
             assert " ".join(bracketed.split()) in shown, f"{command} --help lost {bracketed!r}"
+
+
+def test_auto_says_once_that_it_times_the_engines_here(tmp_path, random_checkpoint, monkeypatch):
+    from vae_rt import tuning
+    from vae_rt.resolve import cached_onnx
+
+    model = cached_onnx(random_checkpoint, "fp32")
+    monkeypatch.setenv("VAE_RT_CACHE_DIR", str(tmp_path / "cache"))  # no timings cached yet
+    fake = {label: dict.fromkeys(tuning.PROBE_BATCHES, 1e-3) for label in ("ort fp32", "openvino fp32")}
+    monkeypatch.setattr(tuning, "measure", lambda calls, z_dim: {label: fake[label] for label in calls})
+    outputs = [run("sample", "--model", model, "-n", 4, "--out", tmp_path / f"{k}.png")[1] for k in range(2)]
+    assert "backend auto: timing" in outputs[0] and "(once; cached)" in outputs[0], outputs[0]
+    assert "timing" not in outputs[1], outputs[1]

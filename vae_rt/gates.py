@@ -18,7 +18,7 @@ from vae_rt.errors import RuntimeFailure, UserError
 from vae_rt.machine import cpu_model
 from vae_rt.tuning import engine_label, library_versions
 
-log = logging.getLogger(__name__)
+notice = logging.getLogger("vae_rt.notice")  # slow one-time work a user should hear about even without -v
 
 Factory = Callable[[str, str], BaseBackend]  # (backend, precision) -> an unopened backend
 Verdict = dict[str, Any]  # {"passed": bool, "summary": one line, "lasting": False when nothing could be judged}
@@ -53,7 +53,7 @@ def _judge(engine: tuple[str, str], make: Factory, checkpoint: Path) -> Verdict:
     from vae_rt.evaluate import to_pixels
     from vae_rt.quality import quality_gate
 
-    log.info("precision auto: scoring %s on the MNIST test set (its quality gate, once per model)", engine_label(*engine))
+    notice.info("precision auto: scoring %s on the MNIST test set (its quality gate, once per model)", engine_label(*engine))
     try:
         model, _ = load_checkpoint(checkpoint)
         pixels = to_pixels(load_mnist()[1])

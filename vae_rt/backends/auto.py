@@ -18,6 +18,7 @@ from vae_rt import tuning
 from vae_rt.backends import BaseBackend, Latents, latent_rows
 
 log = logging.getLogger(__name__)
+notice = logging.getLogger("vae_rt.notice")  # slow one-time work a user should hear about even without -v
 
 Factory = Callable[[str, str], BaseBackend]  # (backend, precision) -> an unopened backend
 
@@ -64,7 +65,7 @@ class AutoBackend(BaseBackend):
         self.why = f"per batch size, the fastest of {', '.join(sorted(self.labels))} ({source}): {tuning.explain(timings)}"
 
     def _measure(self) -> tuning.Timings:
-        log.info("backend auto: timing %s on this machine (once; cached)", ", ".join(sorted(self.labels)))
+        notice.info("backend auto: timing %s on this machine (once; cached)", ", ".join(sorted(self.labels)))
         calls = {label: self._engine(label).decode for label in self.labels}
         return tuning.measure(calls, self.z_dim)
 
