@@ -37,8 +37,10 @@ def test_a_refused_batch_says_why_and_that_it_was_merged():
 
 
 def test_options_are_checked_before_anything_starts():
-    with pytest.raises(UserError, match="max_batch must be at least 1"):
+    with pytest.raises(UserError, match="max_batch must be between 1 and 4194304, got 0"):
         ServeOptions(max_batch=0).check()
+    with pytest.raises(UserError, match="max_queue_delay_us must be between 0 and 10000000, got 1000000000000"):
+        ServeOptions(max_queue_delay_us=10**12).check()
     with pytest.raises(UserError, match="the HTTP and metrics ports are both 9000"):
         ServeOptions(http_port=9000, metrics_port=9000).check()
     with pytest.raises(UserError, match="the gRPC port must be between 1 and 65535, got 70000"):

@@ -69,9 +69,11 @@ def mounted_tmpfs(path: Path, options: str) -> Iterator[bool]:
 # ---------------------------------------------------------------- 1. silent wrong answers
 
 
-def _tiny_onnx(path: Path, z_shape=("batch", 2), image_shape=("batch", 784), z_type=TensorProto.FLOAT, poison=False) -> Path:
-    """A one-layer decoder written with onnx.helper (no exporter: fast), with the I/O it is told to have."""
-    weight = np.full((z_shape[1], image_shape[1]), 0.01, np.float32)
+def _tiny_onnx(path: Path, z_shape=("batch", 2), image_shape=("batch", 784), z_type=TensorProto.FLOAT, poison=False,
+               computed_width=None) -> Path:
+    """A one-layer decoder written with onnx.helper (no exporter: fast), with the I/O it is told to have
+    (and, given `computed_width`, a graph that computes images of that width whatever it declares)."""
+    weight = np.full((z_shape[1], computed_width or image_shape[1]), 0.01, np.float32)
     if poison:
         weight[0, 0] = np.nan
     nodes = [helper.make_node("Cast", ["z"], ["z32"], to=TensorProto.FLOAT), helper.make_node("MatMul", ["z32", "W"], ["h"]),
@@ -170,9 +172,13 @@ def _damage(path: Path, how: str, tmp_path: Path) -> None:
         manifest = json.loads(manifest_path.read_text())
         manifest["outputs"][0]["shape"] = ["batch", 392]
         manifest_path.write_text(json.dumps(manifest))
+    elif how == "manifest-malformed":
+        manifest = json.loads(manifest_path.read_text())
+        manifest["source_checkpoint"] = None
+        manifest_path.write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize("how", ["truncated", "replaced", "no-manifest", "manifest-io"])
+@pytest.mark.parametrize("how", ["truncated", "replaced", "no-manifest", "manifest-io", "manifest-malformed"])
 def test_a_damaged_cache_entry_is_never_served(private_onnx_cache, random_checkpoint, tmp_path, how):
     entry = tmp_path / "entry" / private_onnx_cache.name
     entry.parent.mkdir()
@@ -329,6 +335,10 @@ def test_resume_falls_back_to_the_newest_readable_checkpoint_with_a_warning(tmp_
     assert path == tmp_path / "checkpoint_2.pth" and len(ckpt["metrics"]) == 2
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "checkpoint_2.pth" in warning and "checkpoint_3.pth" in warning
+    damaged = torch.load(tmp_path / "checkpoint_2.pth", weights_only=True)
+    damaged["optimizer"] = {}  # read fine, but no optimizer state to resume
+    torch.save(damaged, tmp_path / "checkpoint_2.pth")
+    assert resume_point(tmp_path)[0] == tmp_path / "checkpoint_1.pth"
     for epoch in (1, 2):
         (tmp_path / f"checkpoint_{epoch}.pth").write_bytes(b"")
     with pytest.raises(CheckpointError, match="no checkpoint in .* can be resumed from"):
@@ -508,3 +518,63 @@ def test_gpu_check_script_fails_when_its_steps_fail(tmp_path):
     done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "out")], cwd=ROOT,
                           env={**os.environ, "PYTHON": "false"}, capture_output=True, text=True, check=False)
     assert done.returncode != 0, done.stdout
+
+
+@pytest.mark.parametrize("backend", ["torch", "ort", "openvino"])
+def test_weights_that_overflow_to_nan_images_fail_in_fp32_too(tmp_path, random_checkpoint, backend):
+    pytest.importorskip("onnxruntime" if backend == "ort" else "openvino" if backend == "openvino" else "torch")
+    model, _ = load_checkpoint(random_checkpoint)
+    with torch.no_grad():
+        model.fc4.weight.fill_(3e38)  # finite weights whose products overflow: NaN images, not a load error
+    save_checkpoint(tmp_path / "huge.pth", model)
+    code, output = run("sample", "--model", tmp_path / "huge.pth", "--backend", backend, "-n", 4, "--out", tmp_path / "x.npy")
+    assert code == 1 and ("output has NaN/Inf" in output or "NaN" in output) and "Traceback" not in output, output
+    assert not (tmp_path / "x.npy").exists()
+    assert_one_line_error(["eval", tmp_path / "huge.pth", "--limit", 100], "NaN/Inf images", code=1)
+
+
+@pytest.mark.parametrize("backend", ["ort", "openvino"])
+def test_an_onnx_that_computes_another_shape_than_it_declares_fails_in_one_line(tmp_path, backend):
+    pytest.importorskip("onnxruntime" if backend == "ort" else "openvino")
+    model = _tiny_onnx(tmp_path / "lie.onnx", computed_width=100)  # declares [batch, 784]
+    assert_one_line_error(["sample", "--model", model, "--backend", backend, "-n", 4, "--out", tmp_path / "x.npy"],
+                          "failed", code=1)
+    assert not (tmp_path / "x.npy").exists()
+
+
+@pytest.mark.parametrize("make", [lambda: torch.zeros(4, 2, dtype=torch.bfloat16), lambda: torch.zeros(4, 2).to_sparse(),
+                                  lambda: torch.zeros(4, 2, device="meta"), lambda: torch.zeros(4, 2, dtype=torch.complex64).conj()],
+                         ids=["bf16", "sparse", "meta", "conj"])
+def test_latents_of_another_dtype_or_layout_are_refused_before_any_conversion(random_checkpoint, make):
+    with open_sampler(random_checkpoint, "torch", device="cpu") as sampler, pytest.raises(UserError, match="latents must be"):
+        sampler.decode(make())
+
+
+def test_counts_sizes_and_seeds_must_be_integers_numpy_ones_included(random_checkpoint):
+    with open_sampler(random_checkpoint, "torch", device="cpu") as sampler:
+        assert torch.equal(sampler.sample(3, seed=np.int64(3)), sampler.sample(3, seed=3))
+        with pytest.raises(UserError, match="n must be an integer at least 1, got 2.5"):
+            sampler.sample(2.5)
+    with pytest.raises(UserError, match="batch_size must be an integer between 1 and"):
+        open_sampler(random_checkpoint, "torch", device="cpu", batch_size=2.5)
+
+
+def test_a_device_or_pipe_is_never_replaced_by_an_output_file(tmp_path):
+    assert_one_line_error(["sample", "-n", 4, "--out", "/dev/null"], "is not a regular file")
+    assert Path("/dev/null").is_char_device()
+
+
+def test_a_cache_record_that_cannot_be_written_names_the_cache_variable(tmp_path, monkeypatch):
+    from vae_rt.cache import record_path, save_record
+
+    monkeypatch.setenv("VAE_RT_CACHE_DIR", str(tmp_path))
+    (tmp_path / "tuning").write_text("a file in the way")
+    with pytest.raises(UserError, match=r"cannot write .*VAE_RT_CACHE_DIR"):
+        save_record(record_path("tuning", {"k": 1}), {"k": 1}, {"v": 2})
+
+
+@pytest.mark.parametrize("args", [["export", "--no-engine", "--max-batch", 10**23], ["serve", "--max-batch", 10**12],
+                                  ["serve", "--max-queue-delay-us", 10**12], ["serve", "--threads", 100_000]],
+                         ids=["export-max-batch", "serve-max-batch", "serve-delay", "serve-threads"])
+def test_serving_and_export_sizes_are_bounded(tmp_path, args):
+    assert_one_line_error(args, "Invalid value")

@@ -22,11 +22,11 @@ import torch
 
 from vae_rt.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
 from vae_rt.errors import UserError
-from vae_rt.limits import MAX_BENCH_DURATION
+from vae_rt.limits import MAX_BATCH, MAX_BENCH_DURATION
 from vae_rt.machine import cpu_isa, cpu_model
 from vae_rt.peers import open_peers
 from vae_rt.resolve import cached_onnx
-from vae_rt.sampler import MAX_BATCH, draw_latents, open_sampler
+from vae_rt.sampler import draw_latents, open_sampler
 from vae_rt.timing import Timing, time_calls
 
 NOISY_CV = 0.10  # trtexec-style warning threshold: stdev above 10% of the mean

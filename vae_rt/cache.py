@@ -60,9 +60,9 @@ def onnx_entry_problem(path: Path, source_sha256: str, precision: str) -> str | 
     )
 
     manifest = read_manifest(path)
-    if manifest is None:
-        return "its manifest is missing or unreadable"
-    if manifest.get("source_checkpoint", {}).get("sha256") != source_sha256 or manifest.get("precision") != precision:
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("source_checkpoint"), dict):
+        return "its manifest is missing, unreadable or malformed"
+    if manifest["source_checkpoint"].get("sha256") != source_sha256 or manifest.get("precision") != precision:
         return "its manifest describes another checkpoint or precision"
     if manifest.get("export_revision") != EXPORT_REVISION:
         return "an older vae-rt exported it"
@@ -92,8 +92,11 @@ def json_digest(value: Any) -> str:
 def save_record(path: Path, key: Mapping[str, Any], value: Any) -> None:
     """A measurement or verdict for `key`, with a checksum over both, written atomically."""
     payload = {"key": key, "value": value}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps({**payload, "sha256": json_digest(payload)}, indent=2, sort_keys=True) + "\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps({**payload, "sha256": json_digest(payload)}, indent=2, sort_keys=True) + "\n")
+    except OSError as err:
+        raise cache_error(path, err.strerror or str(err)) from err
 
 
 def load_record(path: Path, key: Mapping[str, Any]) -> Any | None:
@@ -105,9 +108,12 @@ def load_record(path: Path, key: Mapping[str, Any]) -> Any | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError):
-        log.info("%s is unreadable; measuring again", describe(path))
+        log.warning("%s is unreadable; made again", describe(path))
         return None
-    if not (intact and stored["key"] == json.loads(json.dumps(key))):
-        log.info("%s was altered or is for another machine, model or version; measuring again", describe(path))
+    if not intact:
+        log.warning("%s was altered (its checksum differs); made again", describe(path))
+        return None
+    if stored["key"] != json.loads(json.dumps(key)):  # a digest collision of the file name: not an error
+        log.info("%s is for another machine, model or version; made again", describe(path))
         return None
     return stored["value"]

@@ -116,10 +116,12 @@ def check_weights(path: Path, config: VAEConfig, state_dict: dict[str, torch.Ten
 
 
 def check_values(path: Path, state_dict: dict[str, torch.Tensor]) -> None:
-    """Refuse, naming the tensor, weights that would decode garbage: no data (meta), not floats, NaN or Inf."""
+    """Refuse, naming the tensor, weights that would decode garbage: no data (meta), not dense, not floats, NaN or Inf."""
     for name, tensor in state_dict.items():
         if tensor.is_meta:
             raise CheckpointError(f"{path}: {name} holds no values (a meta tensor: saved before the weights existed)")
+        if tensor.layout != torch.strided:
+            raise CheckpointError(f"{path}: {name} is stored as a {tensor.layout} tensor, not a dense one")
         if not tensor.is_floating_point():
             raise CheckpointError(f"{path}: {name} is {tensor.dtype}, not floating point")
         bad = int((~torch.isfinite(tensor)).sum())

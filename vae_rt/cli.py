@@ -27,10 +27,18 @@ from vae_rt.backends import BACKEND_CHOICES, DEVICES, PRECISIONS
 from vae_rt.engine import DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH
 from vae_rt.errors import RuntimeFailure, Terminated, UserError, sigterm_as_interrupt
 from vae_rt.export import EXPORT_PRECISIONS
-from vae_rt.limits import MAX_COMPARE_COUNT, MAX_EPOCHS, MAX_IW_SAMPLES, MAX_SEED, MAX_Z_DIM
+from vae_rt.limits import (
+    MAX_BATCH,
+    MAX_COMPARE_COUNT,
+    MAX_EPOCHS,
+    MAX_IW_SAMPLES,
+    MAX_QUEUE_DELAY_US,
+    MAX_SEED,
+    MAX_THREADS,
+    MAX_Z_DIM,
+)
 from vae_rt.output import OUTPUT_DTYPES
 from vae_rt.resolve import PRECISION_CHOICES
-from vae_rt.sampler import MAX_BATCH
 from vae_rt.train import LR_DECAYS, MNIST_TRAIN_SIZE
 
 if TYPE_CHECKING:  # annotations only: the commands import torch and the model when they run
@@ -248,7 +256,9 @@ def export(
     out_dir: Annotated[Path, typer.Option(help="Folder for the ONNX files and their manifests.")] = Path("export"),
     engine_dir: Annotated[Path, typer.Option(help="Folder for TensorRT plans, manifests and the timing cache.")] = Path("engines"),
     precision: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(EXPORT_PRECISIONS)}.")] = "fp32,fp16",
-    max_batch: Annotated[int, typer.Option(min=1, help="Largest batch of the TensorRT profile (and Triton's max_batch_size).")] = DEFAULT_MAX_BATCH,
+    max_batch: Annotated[
+        int, typer.Option(min=1, max=MAX_BATCH, help="Largest batch of the TensorRT profile (and Triton's max_batch_size).")
+    ] = DEFAULT_MAX_BATCH,
     opt_batch: Annotated[
         int | None, typer.Option(min=1, help=f"Batch size TensorRT tunes for (default: the sampler's CUDA batch, {DEFAULT_OPT_BATCH}, or --max-batch if smaller).")
     ] = None,
@@ -461,12 +471,15 @@ def serve(
     http_port: Annotated[int, typer.Option(min=1, max=65535, help="Triton's HTTP/REST port.")] = 8000,
     grpc_port: Annotated[int, typer.Option(min=1, max=65535, help="Triton's gRPC port.")] = 8001,
     metrics_port: Annotated[int, typer.Option(min=1, max=65535, help="Triton's Prometheus metrics port.")] = 8002,
-    max_batch: Annotated[int, typer.Option(min=1, help="Largest batch Triton forms (and accepts in one request).")] = 8192,
+    max_batch: Annotated[
+        int, typer.Option(min=1, max=MAX_BATCH, help="Largest batch Triton forms (and accepts in one request).")
+    ] = 8192,
     max_queue_delay_us: Annotated[
-        int, typer.Option(min=0, help="How long Triton may hold a request to batch it with others.")
+        int, typer.Option(min=0, max=MAX_QUEUE_DELAY_US, help="How long Triton may hold a request to batch it with others.")
     ] = 500,
     threads: Annotated[
-        int | None, typer.Option(min=1, help="CPU threads of a decode (default: torch's); fewer leave cores to Triton.")
+        int | None,
+        typer.Option(min=1, max=MAX_THREADS, help="CPU threads of a decode (default: torch's); fewer leave cores to Triton."),
     ] = None,
     triton_log: Annotated[bool, typer.Option(help="Show Triton's own log (else it is discarded).")] = False,
 ) -> None:

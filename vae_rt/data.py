@@ -42,7 +42,7 @@ def load_mnist(data_dir: Path | None = None) -> tuple[torch.Tensor, torch.Tensor
     """
     from torchvision.datasets import MNIST
 
-    source = data_dir or os.environ.get(MNIST_DIR_ENV)
+    source = data_dir or os.environ.get(MNIST_DIR_ENV) or None  # set but empty counts as unset, as for the cache folder
     raw = cache_folder("mnist/MNIST/raw")
     root = raw.parents[1]
     try:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
+from vae_rt.errors import RuntimeFailure
 from vae_rt.model import VAE, elbo_loss, importance_weighted_nll, reparameterize
 
 
@@ -31,6 +33,8 @@ def test_loss(model: VAE, pixels: torch.Tensor, batch_size: int = 1000, seed: in
         x = pixels[start : start + batch_size]
         mu, log_var = model.encode(x)
         recon = decode(reparameterize(mu, log_var)).reshape(x.shape).to(x.device)
+        if not bool(torch.isfinite(recon).all()):  # a backend's decode checks this itself; the model's own does not
+            raise RuntimeFailure("the decoder gives NaN/Inf images for test latents: its weights overflow")
         total += elbo_loss(recon, x, mu, log_var).item()
     return total / len(pixels)
 
@@ -51,4 +55,6 @@ def iw_nll(
         total += importance_weighted_nll(model, batch, k).sum().item()
         if on_batch:
             on_batch(len(batch))
+    if not math.isfinite(total):
+        raise RuntimeFailure("the importance-weighted estimate is NaN/Inf: the model's weights overflow")
     return total / len(pixels)

@@ -68,10 +68,12 @@ def make_dir(path: Path, option: str) -> Path:
 
 
 def check_file_target(option: str, path: Path) -> None:
-    """Refuse, before any work, a file path that `option` could not be written to: a folder, or a missing or read-only parent."""
+    """Refuse, before any work, a file path that `option` could not be written to: a folder, a device, or a missing or read-only parent."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{option} {path}: is a folder; give a file name")
+    if path.exists() and not path.is_file():  # the final rename would put a file in place of a device or pipe
+        raise UserError(f"{option} {path}: is not a regular file (a device or pipe); give a file name")
     if not path.parent.is_dir():
         raise UserError(f"{option} {path}: folder {path.parent} does not exist")
     try:

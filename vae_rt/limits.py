@@ -7,6 +7,7 @@ not in hours of work or a MemoryError. The limits are generous for real use.
 from __future__ import annotations
 
 import math
+import numbers
 
 from vae_rt.errors import UserError
 
@@ -16,6 +17,9 @@ MAX_IW_SAMPLES = 100_000  # Burda et al. use 5000; the cost grows linearly with 
 MAX_BENCH_DURATION = 600.0  # seconds per row
 MAX_EPOCHS = 10_000
 MAX_Z_DIM = 4096  # the latent space of a 784-pixel image: anything larger is a typo
+MAX_BATCH = 1 << 22  # 4M images = 13 GB of float32 output per call: beyond that nothing gets faster
+MAX_QUEUE_DELAY_US = 10_000_000  # a request held 10 s for company is a typo, not batching
+MAX_THREADS = 1024  # decode threads: a typo of 10**5 exhausts the machine's threads
 
 
 def check_between(option: str, value: float, low: float, high: float) -> None:
@@ -24,7 +28,20 @@ def check_between(option: str, value: float, low: float, high: float) -> None:
         raise UserError(f"{option} must be between {low} and {high}, got {value}")
 
 
+def is_integer(value: object) -> bool:
+    """An int or numpy integer; not a bool, not a float such as 2.5 or 3.0."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_integer(name: str, value: object, low: int, high: int | None = None) -> int:
+    """`value` as an int in [low, high] (no upper bound when None), else a one-line UserError naming `name`."""
+    if not (is_integer(value) and low <= value and (high is None or value <= high)):
+        bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+        raise UserError(f"{name} must be an integer {bounds}, got {value!r}")
+    return int(value)
+
+
 def check_seed(seed: int, option: str = "seed") -> int:
-    if not (isinstance(seed, int) and 0 <= seed <= MAX_SEED):
-        raise UserError(f"{option} must be between 0 and 2**63-1 ({MAX_SEED}), got {seed}")
-    return seed
+    if not (is_integer(seed) and 0 <= seed <= MAX_SEED):
+        raise UserError(f"{option} must be between 0 and 2**63-1 ({MAX_SEED}), got {seed!r}")
+    return int(seed)

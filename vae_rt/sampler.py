@@ -18,7 +18,7 @@ import torch
 from vae_rt.backends import BaseBackend, check_out, chunk_bounds, latent_rows
 from vae_rt.errors import UserError
 from vae_rt.files import block_aligned_empty
-from vae_rt.limits import check_seed
+from vae_rt.limits import MAX_BATCH, check_integer, check_seed
 from vae_rt.model import IMAGE_SHAPE
 from vae_rt.resolve import resolve_backend
 
@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 
 LATENT_BLOCK = 4096  # rows drawn per generator call; fixed, so z never depends on the batch size
 DEFAULT_BATCH = {"cpu": 1024, "cuda": 65536}  # CPU: activations stay in cache; GPU: the engine profile's max
-MAX_BATCH = 1 << 22  # 4M images = 13 GB of float32 output per call: beyond that nothing gets faster
 
 
 class Sampler:
@@ -34,9 +33,7 @@ class Sampler:
 
     def __init__(self, backend: BaseBackend, batch_size: int | None = None, chosen_because: str | None = None):
         self.chosen_because = chosen_because  # why backend="auto" picked this backend
-        self.batch_size = batch_size if batch_size is not None else DEFAULT_BATCH[backend.device]
-        if not 1 <= self.batch_size <= MAX_BATCH:
-            raise UserError(f"batch_size must be between 1 and {MAX_BATCH}, got {self.batch_size}")
+        self.batch_size = check_integer("batch_size", DEFAULT_BATCH[backend.device] if batch_size is None else batch_size, 1, MAX_BATCH)
         self.backend = backend.open()
 
     @property
@@ -111,14 +108,9 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-def check_count(n: int) -> None:
-    if n < 1:
-        raise UserError(f"n must be at least 1, got {n}")
-
-
 def latent_batches(n: int, z_dim: int, seed: int, batch_size: int) -> Iterator[torch.Tensor]:
     """float32 [<= batch_size, z_dim] batches of the seed's latent stream, n rows in all."""
-    check_count(n)
+    n = check_integer("n", n, 1)
     generator = torch.Generator().manual_seed(check_seed(seed))
     pending = torch.empty(0, z_dim)
     for start, stop in chunk_bounds(n, batch_size):

@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass
 
 from vae_rt.errors import UserError
+from vae_rt.limits import MAX_BATCH, MAX_QUEUE_DELAY_US, check_between
 
 
 @dataclass(frozen=True)
@@ -27,10 +28,8 @@ class ServeOptions:
 
     def check(self) -> None:
         """Every value in range and every port free, before Triton starts (it would wait minutes on a busy one)."""
-        if self.max_batch < 1:
-            raise UserError(f"max_batch must be at least 1, got {self.max_batch}")
-        if self.max_queue_delay_us < 0:
-            raise UserError(f"max_queue_delay_us must be at least 0, got {self.max_queue_delay_us}")
+        check_between("max_batch", self.max_batch, 1, MAX_BATCH)
+        check_between("max_queue_delay_us", self.max_queue_delay_us, 0, MAX_QUEUE_DELAY_US)
         ports = {"HTTP": self.http_port, "gRPC": self.grpc_port, "metrics": self.metrics_port}
         seen: dict[int, str] = {}
         for name, port in ports.items():

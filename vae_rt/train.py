@@ -197,6 +197,9 @@ def resume_point(out_dir: Path) -> tuple[Path, dict[str, Any]] | None:
             ckpt = read_checkpoint(path)
             if "optimizer" not in ckpt or "train_options" not in ckpt:
                 raise CheckpointError(f"{path}: has no optimizer state, so training cannot resume from it")
+            optimizer, options = ckpt["optimizer"], ckpt["train_options"]
+            if not (isinstance(optimizer, dict) and {"state", "param_groups"} <= optimizer.keys() and isinstance(options, dict)):
+                raise CheckpointError(f"{path}: its optimizer state or training options are damaged")
         except CheckpointError as error:
             unusable.append(str(error))
             continue

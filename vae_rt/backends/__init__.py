@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -73,7 +74,7 @@ class BaseBackend:
         Raises:
             UserError: wrong shape, dtype or non-finite latents; an `out` of the wrong shape, dtype or
                 device, or not contiguous. RuntimeError: not opened.
-            RuntimeFailure: reduced-precision output that overflowed to NaN/Inf.
+            RuntimeFailure: output with NaN/Inf, or of another shape than the model declares.
         """
         if not self.is_open:
             raise RuntimeError(f"{self.name} backend: decode() called before open()")
@@ -81,8 +82,8 @@ class BaseBackend:
         if out is not None:  # always: an engine writes through its raw pointer
             check_out(out, latents.shape[0], self.device)
         images = self._decode(latents, out)
-        if self.precision != "fp32" and not all_finite(images):
-            raise RuntimeFailure(f"{self.describe()}: output has NaN/Inf (reduced-precision overflow)")
+        if not all_finite(images):  # any precision: overflowing weights give NaN images in fp32 too
+            raise RuntimeFailure(f"{self.describe()}: output has NaN/Inf (the model's weights or precision overflow)")
         return images
 
     def _open(self) -> None:
@@ -98,6 +99,15 @@ class BaseBackend:
 
     def _close(self) -> None:
         raise NotImplementedError
+
+
+@contextmanager
+def engine_failures(engine: str) -> Iterator[None]:
+    """An engine's own error during a run (a graph that computes another shape than it declares, say) as one line."""
+    try:
+        yield
+    except Exception as err:  # ONNX Runtime and OpenVINO raise their own exception types
+        raise RuntimeFailure(f"{engine} failed: {' '.join(str(err).split())[:400]}") from err
 
 
 def latent_rows(z: object) -> int:
@@ -124,11 +134,13 @@ def check_latents(z: Any, z_dim: int) -> Latents:
     """The latents as engines take them, checked: float32 `[B, z_dim]`, finite; else a one-line UserError."""
     if not isinstance(z, (torch.Tensor, np.ndarray)):
         raise UserError(f"latents must be a torch tensor or numpy array, got {type(z).__name__}")
+    if z.dtype not in (torch.float32, np.float32):  # before anything converts them
+        raise UserError(f"latents must be float32, got {z.dtype}")
+    if isinstance(z, torch.Tensor) and (z.layout != torch.strided or z.is_meta or z.is_conj()):
+        raise UserError(f"latents must be a dense float32 tensor with data, got layout {z.layout} on {z.device}")
     z = engine_latents(z)
     if z.ndim != 2 or z.shape[1] != z_dim or z.shape[0] == 0:
         raise UserError(f"latents must have shape [B, {z_dim}] with B >= 1, got {list(z.shape)}")
-    if z.dtype != (torch.float32 if isinstance(z, torch.Tensor) else np.float32):
-        raise UserError(f"latents must be float32, got {z.dtype}")
     finite = torch.isfinite(z).all() if isinstance(z, torch.Tensor) else np.isfinite(z).all()
     if not finite:
         raise UserError("latents contain NaN or Inf")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from vae_rt.artifacts import inspect_onnx
-from vae_rt.backends import BaseBackend, Latents, to_device
+from vae_rt.backends import BaseBackend, Latents, engine_failures, to_device
 from vae_rt.capabilities import native_bf16
 from vae_rt.errors import UserError, require
 from vae_rt.model import IMAGE_SHAPE
@@ -77,9 +77,10 @@ class OpenVinoBackend(BaseBackend):
         images = out if out is not None else torch.empty((rows, *IMAGE_SHAPE), dtype=torch.float32)
         # Both tensors are set on every call: the request keeps pointing at the last memory it was
         # given, and must never write into a buffer its owner has since freed.
-        self._request.set_input_tensor(self._ov.Tensor(to_device(z, "cpu").numpy(), shared_memory=True))
-        self._request.set_output_tensor(self._ov.Tensor(images.view(rows, self.x_dim).numpy(), shared_memory=True))
-        self._request.infer()
+        with engine_failures(self.describe()):
+            self._request.set_input_tensor(self._ov.Tensor(to_device(z, "cpu").numpy(), shared_memory=True))
+            self._request.set_output_tensor(self._ov.Tensor(images.view(rows, self.x_dim).numpy(), shared_memory=True))
+            self._request.infer()
         return images
 
 

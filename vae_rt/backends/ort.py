@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from vae_rt.artifacts import inspect_onnx
-from vae_rt.backends import BaseBackend, Latents, to_device
+from vae_rt.backends import BaseBackend, Latents, engine_failures, to_device
 from vae_rt.capabilities import CPU_EP, CUDA_EP, available_providers
-from vae_rt.errors import UserError, require
+from vae_rt.errors import RuntimeFailure, UserError, require
 from vae_rt.model import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
 
 
@@ -72,7 +72,10 @@ class OrtBackend(BaseBackend):
     def _decode(self, z: Latents, out: torch.Tensor | None) -> torch.Tensor:
         if self.device == "cpu" and out is None:
             host_z = z if isinstance(z, np.ndarray) else z.cpu().numpy()
-            (images,) = self._session.run([OUTPUT_NAME], {INPUT_NAME: host_z})
+            with engine_failures(self.describe()):
+                (images,) = self._session.run([OUTPUT_NAME], {INPUT_NAME: host_z})
+            if images.shape != (len(host_z), self.x_dim):  # the graph computed other than its declared [B, 784]
+                raise RuntimeFailure(f"{self.describe()}: {len(host_z)} latents gave output {list(images.shape)}, not [B, {self.x_dim}]")
             return torch.from_numpy(images.reshape(len(images), *IMAGE_SHAPE))
         return self._decode_bound(z, out)
 
@@ -86,7 +89,8 @@ class OrtBackend(BaseBackend):
         binding.bind_output(OUTPUT_NAME, self.device, index, np.float32, (len(z), self.x_dim), images.data_ptr())
         if self.device == "cuda":
             torch.cuda.current_stream().synchronize()  # z must be in place before ORT's own stream reads it
-        self._session.run_with_iobinding(binding)
+        with engine_failures(self.describe()):
+            self._session.run_with_iobinding(binding)
         binding.synchronize_outputs()  # images are complete before torch reads them
         return images
 
