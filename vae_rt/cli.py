@@ -25,7 +25,7 @@ import vae_rt
 from vae_rt import __version__
 from vae_rt.backends import BACKEND_CHOICES, DEVICES, PRECISIONS
 from vae_rt.engine import DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH
-from vae_rt.errors import RuntimeFailure, Terminated, UserError, sigterm_as_interrupt
+from vae_rt.errors import RuntimeFailure, Terminated, UserError, notice, sigterm_as_interrupt
 from vae_rt.export import EXPORT_PRECISIONS
 from vae_rt.limits import (
     MAX_BATCH,
@@ -156,12 +156,11 @@ def main_options(
                         force=True)
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):  # the exporter's internals, not about the model
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    notices = logging.getLogger("vae_rt.notice")  # slow one-time work (an export, an engine build): always said
     handler = logging.StreamHandler()  # made per run: it binds the stderr of the moment
     handler.setFormatter(logging.Formatter("%(message)s"))
-    notices.handlers = [handler]
-    notices.setLevel(logging.INFO)
-    notices.propagate = False
+    notice.handlers = [handler]
+    notice.setLevel(logging.INFO)
+    notice.propagate = False
 
 
 @app.command()

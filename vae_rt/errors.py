@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 from collections.abc import Iterator
+
+# Slow one-time work (an export, an engine build, a tuning run, a gate's scoring): said even without -v.
+notice = logging.getLogger("vae_rt.notice")
 
 
 class UserError(Exception):

@@ -7,18 +7,15 @@ model and library versions in the cache folder, verified when read, so the gate 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from vae_rt.backends import BaseBackend
 from vae_rt.cache import load_record, record_path, save_record
-from vae_rt.errors import RuntimeFailure, UserError
+from vae_rt.errors import RuntimeFailure, UserError, notice
 from vae_rt.machine import cpu_model
 from vae_rt.tuning import engine_label, library_versions
-
-notice = logging.getLogger("vae_rt.notice")  # slow one-time work a user should hear about even without -v
 
 Factory = Callable[[str, str], BaseBackend]  # (backend, precision) -> an unopened backend
 Verdict = dict[str, Any]  # {"passed": bool, "summary": one line, "lasting": False when nothing could be judged}

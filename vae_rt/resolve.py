@@ -18,12 +18,11 @@ from vae_rt.cache import cache_error, cache_folder, describe, onnx_entry_problem
 from vae_rt.capabilities import CUDA_EP, available_providers, engine_skip_reason, native_bf16
 from vae_rt.checkpoint import BUNDLED_CHECKPOINT, read_checkpoint
 from vae_rt.engine import DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, build_engine
-from vae_rt.errors import UserError
+from vae_rt.errors import UserError, notice
 from vae_rt.export import EXPORT_PRECISIONS, export_onnx
 from vae_rt.files import sha256_file
 
 log = logging.getLogger(__name__)
-notice = logging.getLogger("vae_rt.notice")  # slow one-time work a user should hear about even without -v
 
 ENGINE_DIR_ENV = "VAE_RT_ENGINE_DIR"
 PRECISION_CHOICES = (*PRECISIONS, "auto")  # auto: the fastest precision whose quality gate passed (CPU)

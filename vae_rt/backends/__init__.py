@@ -115,10 +115,14 @@ def latent_rows(z: object) -> int:
     return z.shape[0] if getattr(z, "ndim", 0) else 0
 
 
-def all_finite(images: torch.Tensor) -> bool:
-    """Whether no value is NaN/Inf. Host tensors are checked by numpy, on this thread: torch's check would
+def all_finite(values: torch.Tensor | np.ndarray) -> bool:
+    """Whether no value is NaN/Inf. Host memory is checked by numpy, on this thread: torch's check would
     wake its own thread pool, which then fights ONNX Runtime's for the cores (docs/benchmarks.md)."""
-    return bool(np.isfinite(images.numpy()).all()) if images.is_cpu else bool(torch.isfinite(images).all())
+    if isinstance(values, torch.Tensor):
+        if not values.is_cpu:
+            return bool(torch.isfinite(values).all())
+        values = values.numpy()
+    return bool(np.isfinite(values).all())
 
 
 def engine_latents(z: torch.Tensor | np.ndarray) -> Latents:
@@ -141,8 +145,7 @@ def check_latents(z: Any, z_dim: int) -> Latents:
     z = engine_latents(z)
     if z.ndim != 2 or z.shape[1] != z_dim or z.shape[0] == 0:
         raise UserError(f"latents must have shape [B, {z_dim}] with B >= 1, got {list(z.shape)}")
-    finite = torch.isfinite(z).all() if isinstance(z, torch.Tensor) else np.isfinite(z).all()
-    if not finite:
+    if not all_finite(z):
         raise UserError("latents contain NaN or Inf")
     return z
 

@@ -16,9 +16,9 @@ import torch
 
 from vae_rt import tuning
 from vae_rt.backends import BaseBackend, Latents, latent_rows
+from vae_rt.errors import notice
 
 log = logging.getLogger(__name__)
-notice = logging.getLogger("vae_rt.notice")  # slow one-time work a user should hear about even without -v
 
 Factory = Callable[[str, str], BaseBackend]  # (backend, precision) -> an unopened backend
 
