@@ -35,6 +35,11 @@ def test_graph_replay_matches_eager_at_each_batch_size(random_checkpoint):
 
 def test_a_failing_capture_decodes_eagerly_and_remembers_it(random_checkpoint, monkeypatch):
     eager, graphed = _eager_and_graphed(random_checkpoint)
+    z8 = draw_latents(8, 2, seed=8).cuda()
+    graphed.decode(z8)  # captured before the failure
+    torch.cuda.manual_seed(0)
+    expected_random = torch.rand(5, device="cuda")
+    torch.cuda.manual_seed(0)
     forward = graphed._forward
 
     def forward_that_syncs_while_capturing(z, out=None):
@@ -45,8 +50,11 @@ def test_a_failing_capture_decodes_eagerly_and_remembers_it(random_checkpoint, m
     monkeypatch.setattr(graphed, "_forward", forward_that_syncs_while_capturing)
     z = draw_latents(64, 2, seed=1).cuda()
     torch.testing.assert_close(graphed.decode(z), eager.decode(z), atol=1e-6, rtol=0)
-    assert graphed._graphs.eager == {64} and graphed._graphs.cached() == []
+    assert graphed._graphs.eager == {64} and graphed._graphs.cached() == [8]
     torch.testing.assert_close(graphed.decode(z), eager.decode(z), atol=1e-6, rtol=0)  # again, no second capture
+    # torch's default generator and the graph captured before are not left broken by the failure
+    torch.testing.assert_close(torch.rand(5, device="cuda"), expected_random, atol=0, rtol=0)
+    torch.testing.assert_close(graphed.decode(z8), eager.decode(z8), atol=1e-6, rtol=0)
 
 
 def test_capture_survives_cuda_work_on_another_thread(random_checkpoint):

@@ -79,11 +79,29 @@ def capture_graph(record: Callable[[], T], stream: torch.cuda.Stream) -> tuple[t
         with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
             result = record()
     except RuntimeError as error:
+        _clear_generator_capture_mark()
         cause = root_cause(error)
         if isinstance(cause, torch.OutOfMemoryError):
             raise cause from None
         raise CaptureFailed(first_line(cause)) from error
     return graph, result
+
+
+def _clear_generator_capture_mark() -> None:
+    """Clear the mark a failed capture leaves on torch's default CUDA generator.
+
+    torch clears it only when a capture ends well. Until then every CUDA random op in the process,
+    and the replay of every graph captured before, fails with "Offset increment outside graph capture
+    encountered unexpectedly". A capture of one trivial kernel that ends well clears it; the
+    generator's seed and offset are untouched.
+    """
+    scratch = torch.empty(1, device="cuda")
+    stream = torch.cuda.Stream()
+    try:
+        with torch.cuda.stream(stream), torch.cuda.graph(torch.cuda.CUDAGraph(), stream=stream, capture_error_mode="thread_local"):
+            scratch.zero_()
+    except RuntimeError as error:
+        log.warning("after a failed CUDA graph capture, CUDA random numbers may fail in this process: %s", first_line(error))
 
 
 def root_cause(error: BaseException) -> BaseException:
