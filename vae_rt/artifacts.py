@@ -20,7 +20,7 @@ from vae_rt.errors import UserError
 from vae_rt.files import write_atomic
 from vae_rt.model import INPUT_NAME, OUTPUT_NAME, X_DIM
 
-EXPORT_REVISION = 2  # raised whenever the exported graph changes (2: fp32 sigmoid in fp16/int8), so caches re-export
+EXPORT_REVISION = 3  # raised whenever the exported graph changes (2: fp32 sigmoid in fp16/int8; 3: fp32 first layer in fp16), so caches re-export
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 

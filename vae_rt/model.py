@@ -59,13 +59,30 @@ class Decoder(nn.Module):
         return self.pre_activations(z)[-1]
 
     def pre_activations(self, z: torch.Tensor) -> list[torch.Tensor]:
-        """Each layer's output before its activation, first to last (the last one is the logits)."""
+        """Each layer's output before its activation, first to last (the last one is the logits).
+
+        Each layer's input is cast to that layer's dtype, so a decoder from `in_precision` runs as is.
+        """
         outputs: list[torch.Tensor] = []
         h = z
         for layer in self.layers:
-            h = layer(F.relu(h) if outputs else h)
+            h = F.relu(h) if outputs else h
+            if h.dtype != layer.weight.dtype:  # no Cast node in an fp32 export
+                h = h.to(layer.weight.dtype)
+            h = layer(h)
             outputs.append(h)
         return outputs
+
+    def in_precision(self, dtype: torch.dtype) -> Decoder:
+        """This decoder with every layer but the first cast to `dtype` in place (like `Module.to`).
+
+        The first layer (0.1 % of the FLOPs) stays float32: z is a coordinate in a small latent space
+        that the decoder maps steeply, and rounding z alone to fp16 moves pixels by up to 4e-3
+        (docs/quality.md), most of a reduced-precision decoder's error.
+        """
+        for layer in self.layers[1:]:
+            layer.to(dtype)
+        return self
 
 
 class VAE(nn.Module):
