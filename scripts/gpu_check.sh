@@ -4,7 +4,8 @@
 # Steps: what is usable here, the gpu-marked tests, a parity report, a short benchmark, two large .npy
 # samples. Each step has its own time limit and log (OUT_DIR/<step>.txt). The run ends with a summary
 # (also OUT_DIR/summary.txt) of what passed, failed, timed out or was skipped and why, and exits 1
-# when any step did not pass. PYTHON names the interpreter (default python3).
+# when any step did not pass. PYTHON names the interpreter (default python3). compare's quality gates
+# read MNIST like every command: $VAE_RT_MNIST_DIR, else ../shared/data/mnist, else a download.
 set -uo pipefail
 out=${1:-gpu-check}
 py=${PYTHON:-python3}
@@ -55,7 +56,7 @@ if step probe 60 "$py" scripts/gpu_probe.py; then
         plot_args=()
         echo "SKIP bench plot: matplotlib is not installed" | tee "$out/bench-plot.txt"
     fi
-    step bench 100 "$py" -m vae_rt bench --device cuda --backends torch,ort,trt --batch-sizes 1,1024,65536,262144 --duration 1 \
+    step bench 150 "$py" -m vae_rt -v bench --device cuda --backends torch,ort,trt --batch-sizes 1,1024,65536 --duration 1 \
         --json "$out/bench.json" "${plot_args[@]}"
     step sample-uint8 45 "$py" -m vae_rt sample --device cuda -n 1000000 --dtype uint8 --out "$out/samples-uint8.npy"
     step sample-fp32 45 "$py" -m vae_rt sample --device cuda --backend torch --precision fp32 -n 300000 \

@@ -102,6 +102,13 @@ def test_compare_reports_every_pair(tmp_path):
     assert output.count("PASS") >= 3 and "skipped" in output  # trt cannot run here
 
 
+def test_compare_without_mnist_names_the_way_to_pixel_errors_alone(tmp_path):
+    assert_one_line_error(["compare", "--backends", "torch", "--precisions", "fp32", "-n", 10, "--data-dir", tmp_path],
+                          str(tmp_path), "--no-quality")
+    code, output = run("compare", "--backends", "torch", "--precisions", "fp32", "-n", 10, "--data-dir", tmp_path, "--no-quality")
+    assert code == 0 and "PASS" in output, output
+
+
 def test_eval_gates_a_backend_and_precision(mnist_dir):
     code, output = run("eval", "--data-dir", mnist_dir, "--limit", 300, "--backend", "torch", "--precision", "bf16", "--device", "cpu")
     assert code == 0 and "PASS bf16 test loss" in output and "(limit +0.05, 300 test images) with torch bf16 on cpu" in output

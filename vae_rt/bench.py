@@ -11,8 +11,10 @@ Run it with `vae-rt bench --peers --json out.json --plot out.png`.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +30,8 @@ from vae_rt.peers import open_peers
 from vae_rt.resolve import cached_onnx
 from vae_rt.sampler import draw_latents, open_sampler
 from vae_rt.timing import Timing, time_calls
+
+log = logging.getLogger(__name__)
 
 NOISY_CV = 0.10  # trtexec-style warning threshold: stdev above 10% of the mean
 REFERENCE = "torch-eager"  # the tutorial's own call: the decoder module under no_grad, fp32
@@ -179,6 +183,7 @@ def run_benchmarks(
     work_dir = tempfile.TemporaryDirectory(prefix="vae-rt-peers-")
     opened_peers, skipped_peers = open_peers(peers, checkpoint, cached_onnx(checkpoint, "fp32"), Path(work_dir.name)) if peers else ([], [])
     rows += [_skipped(name, precision, "cpu", why) for name, precision, why in skipped_peers]
+    started = time.perf_counter()
     try:
         for batch in batch_sizes:
             z = draw_latents(batch, config.z_dim, seed=batch)
@@ -212,6 +217,7 @@ def run_benchmarks(
                 if on_row:
                     on_row(row)
             rows += batch_rows
+            log.info("batch %d timed: %d rows, %.0f s since the start", batch, len(batch_rows), time.perf_counter() - started)
     finally:
         for sampler in samplers:
             sampler.close()

@@ -373,10 +373,13 @@ def compare(
 
     test_pixels = None
     if quality:
-        from vae_rt.data import load_mnist
+        from vae_rt.data import DataError, load_mnist
         from vae_rt.evaluate import to_pixels
 
-        test_pixels = to_pixels(load_mnist(data_dir)[1])
+        try:
+            test_pixels = to_pixels(load_mnist(data_dir)[1])
+        except DataError as error:
+            raise DataError(f"{error}; or --no-quality for the pixel errors alone") from None
     rows = run_comparisons(model, *_backends_and_precisions(backends, precisions), device, n, seed, test_pixels)
     table = Table("backend", "precision", "runs on", "max abs", "mean abs", "Δ test loss", "median abs", "worst", "NaN/Inf", "result")
     failed = False
