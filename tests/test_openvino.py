@@ -3,6 +3,9 @@
 Its parity with torch fp32 (batch 1, 7, 64, 1000, tail latents) is in test_parity.py.
 """
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -53,3 +56,23 @@ def test_runs_an_onnx_file_given_as_the_model(bundled):
     with open_sampler(onnx_path, "openvino", None, "cpu") as sampler:
         assert sampler.describe() == "openvino fp32 on cpu"
         assert sampler.decode(draw_latents(3, 2)).shape == (3, 1, 28, 28)
+
+
+SIGNAL_AFTER_TWO_MODELS = """
+import os, signal, time
+from vae_rt import open_sampler
+from vae_rt.capabilities import native_bf16
+first, second = open_sampler(None, "openvino", "fp32", "cpu"), open_sampler(None, "openvino", "fp32", "cpu")
+first.close()
+second.close()  # closed in the order opened: what left a dangling signal stack with a Core each
+native_bf16()
+signal.signal(signal.SIGTERM, lambda *_: print("handled", flush=True) or os._exit(0))
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(5)
+"""
+
+
+def test_a_signal_after_openvino_models_come_and_go_is_handled_not_a_crash():
+    """The CPU plugin of each openvino.Core moves the thread's signal stack; vae-rt keeps one Core (capabilities.openvino_core)."""
+    result = subprocess.run([sys.executable, "-c", SIGNAL_AFTER_TWO_MODELS], capture_output=True, text=True, timeout=120, check=False)
+    assert (result.returncode, result.stdout.strip()) == (0, "handled"), result.stderr[-2000:]

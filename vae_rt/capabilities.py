@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from vae_rt.artifacts import Platform
-from vae_rt.errors import UserError, require
+from vae_rt.errors import MissingDependencyError, UserError, require
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +29,24 @@ def available_providers() -> list[str]:
     return list(onnxruntime.get_available_providers())
 
 
-def native_bf16(core: Any | None = None) -> bool:
+@functools.cache
+def openvino_core() -> Any:
+    """The one `openvino.Core` of this process (raises ExtraMissing without openvino).
+
+    Each Core loads its own CPU plugin, which points the thread's alternate signal stack at memory of
+    its own and frees it when the Core goes. Two Cores freed in the order they were made leave it
+    pointing at freed memory, and the next Ctrl-C or SIGTERM is a segmentation fault (docs/errors.md).
+    One Core, kept, never frees it.
+    """
+    return require("openvino", extra="cpu").Core()
+
+
+def native_bf16() -> bool:
     """Whether OpenVINO's CPU plugin reports native bf16 arithmetic on this CPU (False without openvino)."""
-    if core is None:
-        try:
-            import openvino
-        except ImportError:
-            return False
-        core = openvino.Core()
+    try:
+        core = openvino_core()
+    except MissingDependencyError:
+        return False
     return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 

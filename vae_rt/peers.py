@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from vae_rt.capabilities import native_bf16
+from vae_rt.capabilities import native_bf16, openvino_core
 from vae_rt.checkpoint import load_checkpoint
 from vae_rt.model import INPUT_NAME
 
@@ -90,8 +90,8 @@ def _openvino(path: Path, precision: str) -> Peer:
     import openvino as ov
     import openvino.properties.hint as hints
 
-    core = ov.Core()
-    if precision == "bf16" and not native_bf16(core):
+    core = openvino_core()
+    if precision == "bf16" and not native_bf16():
         raise PeerUnavailable("this CPU has no native bf16 (OpenVINO would run f32)")
     compiled = core.compile_model(str(path), "CPU", {hints.inference_precision: getattr(ov.Type, precision)})
 

@@ -14,7 +14,7 @@ import torch
 
 from vae_rt.artifacts import inspect_onnx
 from vae_rt.backends import BaseBackend, Latents, engine_failures, to_device
-from vae_rt.capabilities import native_bf16
+from vae_rt.capabilities import native_bf16, openvino_core
 from vae_rt.errors import UserError, require
 from vae_rt.model import IMAGE_SHAPE
 
@@ -51,8 +51,8 @@ class OpenVinoBackend(BaseBackend):
         import openvino.properties as props
         import openvino.properties.hint as hints
 
-        core = ov.Core()
-        if self.precision == "bf16" and not native_bf16(core):
+        core = openvino_core()
+        if self.precision == "bf16" and not native_bf16():
             raise UserError("precision bf16: this CPU has no native bf16 (OpenVINO reports no BF16 capability)")
         wanted = ov.Type.bf16 if self.precision == "bf16" else ov.Type.f32
         config = {
