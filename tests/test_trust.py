@@ -70,17 +70,21 @@ def mounted_tmpfs(path: Path, options: str) -> Iterator[bool]:
 
 
 def _tiny_onnx(path: Path, z_shape=("batch", 2), image_shape=("batch", 784), z_type=TensorProto.FLOAT, poison=False,
-               computed_width=None) -> Path:
+               computed_width=None, one_row=False) -> Path:
     """A one-layer decoder written with onnx.helper (no exporter: fast), with the I/O it is told to have
-    (and, given `computed_width`, a graph that computes images of that width whatever it declares)."""
+    (and, given `computed_width` or `one_row`, a graph that computes images of that width, or one image
+    for the whole batch, whatever it declares)."""
     weight = np.full((z_shape[1], computed_width or image_shape[1]), 0.01, np.float32)
     if poison:
         weight[0, 0] = np.nan
-    nodes = [helper.make_node("Cast", ["z"], ["z32"], to=TensorProto.FLOAT), helper.make_node("MatMul", ["z32", "W"], ["h"]),
-             helper.make_node("Sigmoid", ["h"], ["image"])]
+    nodes = [helper.make_node("Cast", ["z"], ["z32"], to=TensorProto.FLOAT), helper.make_node("MatMul", ["z32", "W"], ["h"])]
+    if one_row:
+        nodes.append(helper.make_node("ReduceMean", ["h", "axis0"], ["h_mean"], keepdims=1))
+    nodes.append(helper.make_node("Sigmoid", ["h_mean" if one_row else "h"], ["image"]))
     graph = helper.make_graph(
         nodes, "tiny", [helper.make_tensor_value_info("z", z_type, list(z_shape))],
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, list(image_shape))], [numpy_helper.from_array(weight, "W")],
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, list(image_shape))],
+        [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(np.array([0], np.int64), "axis0")],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
     return path
@@ -533,10 +537,12 @@ def test_weights_that_overflow_to_nan_images_fail_in_fp32_too(tmp_path, random_c
     assert_one_line_error(["eval", tmp_path / "huge.pth", "--limit", 100], "NaN/Inf images", code=1)
 
 
+@pytest.mark.parametrize("lie", [{"computed_width": 100}, {"one_row": True}], ids=["width-100", "one-row"])
 @pytest.mark.parametrize("backend", ["ort", "openvino"])
-def test_an_onnx_that_computes_another_shape_than_it_declares_fails_in_one_line(tmp_path, backend):
+def test_an_onnx_that_computes_another_shape_than_it_declares_fails_in_one_line(tmp_path, backend, lie):
+    """One row for the whole batch must fail too: copied into [B, 784] it would broadcast, B equal images."""
     pytest.importorskip("onnxruntime" if backend == "ort" else "openvino")
-    model = _tiny_onnx(tmp_path / "lie.onnx", computed_width=100)  # declares [batch, 784]
+    model = _tiny_onnx(tmp_path / "lie.onnx", **lie)  # declares [batch, 784]
     assert_one_line_error(["sample", "--model", model, "--backend", backend, "-n", 4, "--out", tmp_path / "x.npy"],
                           "failed", code=1)
     assert not (tmp_path / "x.npy").exists()

@@ -29,7 +29,7 @@ from vae_rt.machine import cpu_isa, cpu_model
 from vae_rt.peers import open_peers
 from vae_rt.resolve import cached_onnx
 from vae_rt.sampler import draw_latents, open_sampler
-from vae_rt.timing import Timing, time_calls
+from vae_rt.timing import SETTLE_SECONDS, Timing, time_calls
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def run_benchmarks(
             for round_ in range(rounds):
                 for call, collected in zip(calls, latencies):
                     collected += time_calls(
-                        call, warmup=0.2 if round_ == 0 else 0.02,
+                        call, warmup=0.2 if round_ == 0 else SETTLE_SECONDS,
                         min_duration=min_duration / rounds, min_iterations=max(2, 10 // rounds),
                     ).latencies
                 for key, matmul in matmuls.items():

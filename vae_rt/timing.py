@@ -11,6 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+# Untimed calls before each interleaved slice: ONNX Runtime's threads spin for about 30 ms after its
+# last call and slow whatever runs next on the same cores by up to 1.6x (docs/benchmarks.md).
+SETTLE_SECONDS = 0.04
+
 
 @dataclass(frozen=True)
 class Timing:

@@ -20,14 +20,14 @@ import torch
 from vae_rt import __version__
 from vae_rt.cache import load_record, record_path, save_record
 from vae_rt.machine import cpu_isa, cpu_model
-from vae_rt.timing import time_calls
+from vae_rt.timing import SETTLE_SECONDS, time_calls
 
 log = logging.getLogger(__name__)
 
 PROBE_BATCHES = (1, 32, 1024)  # latency-bound to GEMM-bound (the CPU batch); other sizes take the nearest probe's winner
 ROUNDS = 3  # interleaved: a drift on a shared machine hits every engine alike
 ROUND_SECONDS = 0.02  # per engine, probe and round (at least 2 calls): the whole run takes a few seconds
-TUNING_REVISION = 2  # raised when what a timing includes changes (2: the NaN check off torch's pool), so caches re-tune
+TUNING_REVISION = 3  # raised when how an engine is timed changes (2: NaN check off torch's pool; 3: settle), so caches re-tune
 Timings = dict[str, dict[int, float]]  # engine label ('ort fp32') -> probe batch -> median seconds per call
 
 
@@ -98,9 +98,9 @@ def measure(
     latencies: dict[str, dict[int, list[float]]] = {label: {b: [] for b in probes} for label in calls}
     for batch in probes:
         z = torch.randn(batch, z_dim, generator=torch.Generator().manual_seed(batch))
-        for round_ in range(rounds):
+        for _ in range(rounds):
             for label, decode in calls.items():
-                timing = time_calls(functools.partial(decode, z), warmup=seconds if round_ == 0 else 0.0,
+                timing = time_calls(functools.partial(decode, z), warmup=max(seconds, SETTLE_SECONDS),
                                     min_duration=seconds, min_iterations=2)
                 latencies[label][batch] += timing.latencies
     return {label: {b: _median(values) for b, values in per_batch.items()} for label, per_batch in latencies.items()}

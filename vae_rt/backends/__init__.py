@@ -110,6 +110,12 @@ def engine_failures(engine: str) -> Iterator[None]:
         raise RuntimeFailure(f"{engine} failed: {' '.join(str(err).split())[:400]}") from err
 
 
+def check_output_shape(engine: str, rows: int, x_dim: int, shape: tuple[int, ...]) -> None:
+    """Refuse an output that is not [rows, x_dim]: a graph that computes other than its declared shape."""
+    if tuple(shape) != (rows, x_dim):
+        raise RuntimeFailure(f"{engine}: {rows} latents gave output {list(shape)}, not [B, {x_dim}]")
+
+
 def latent_rows(z: object) -> int:
     """How many latents `z` holds; 0 for what is not an array or is 0-d, which `check_latents` then names."""
     return z.shape[0] if getattr(z, "ndim", 0) else 0

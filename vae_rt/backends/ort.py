@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from vae_rt.artifacts import inspect_onnx
-from vae_rt.backends import BaseBackend, Latents, engine_failures, to_device
+from vae_rt.backends import BaseBackend, Latents, check_output_shape, engine_failures, to_device
 from vae_rt.capabilities import CPU_EP, CUDA_EP, available_providers
-from vae_rt.errors import RuntimeFailure, UserError, require
+from vae_rt.errors import UserError, require
 from vae_rt.model import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
 
 
@@ -74,8 +74,7 @@ class OrtBackend(BaseBackend):
             host_z = z if isinstance(z, np.ndarray) else z.cpu().numpy()
             with engine_failures(self.describe()):
                 (images,) = self._session.run([OUTPUT_NAME], {INPUT_NAME: host_z})
-            if images.shape != (len(host_z), self.x_dim):  # the graph computed other than its declared [B, 784]
-                raise RuntimeFailure(f"{self.describe()}: {len(host_z)} latents gave output {list(images.shape)}, not [B, {self.x_dim}]")
+            check_output_shape(self.describe(), len(host_z), self.x_dim, images.shape)
             return torch.from_numpy(images.reshape(len(images), *IMAGE_SHAPE))
         return self._decode_bound(z, out)
 
