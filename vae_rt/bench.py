@@ -157,7 +157,8 @@ def run_benchmarks(
 
     The measurements of one batch size are interleaved: `rounds` rounds, each giving every target
     `min_duration / rounds` seconds. On a shared or throttling machine the drift then hits all of
-    them alike, so the ratios between rows are fair even when the absolute numbers move.
+    them alike, so the ratios between rows are fair even when the absolute numbers move. Each round
+    starts one row later than the one before, and each slice starts with untimed calls.
 
     Returns:
         The rows (targets and peers that cannot run here as rows with `runs_on` = 'skipped: <why>')
@@ -191,9 +192,12 @@ def run_benchmarks(
             calls += [peer.prepare(z) for peer in opened_peers]
             latencies: list[list[float]] = [[] for _ in calls]
             for round_ in range(rounds):
-                for call, collected in zip(calls, latencies):
-                    collected += time_calls(
-                        call, warmup=0.2 if round_ == 0 else SETTLE_SECONDS,
+                # Each round starts one row later, so that no row always runs right after the same one
+                # (an engine's threads keep a core busy for a while after its last call).
+                start = round_ % len(calls)
+                for index in [*range(start, len(calls)), *range(start)]:
+                    latencies[index] += time_calls(
+                        calls[index], warmup=0.2 if round_ == 0 else SETTLE_SECONDS,
                         min_duration=min_duration / rounds, min_iterations=max(2, 10 // rounds),
                     ).latencies
                 for key, matmul in matmuls.items():
