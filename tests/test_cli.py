@@ -63,6 +63,12 @@ def test_sample_counts_the_whole_command_and_says_when_it_exports(tmp_path, rand
     assert code == 0 and "exporting" not in output  # cached
 
 
+def test_a_png_sample_times_the_decode_alone(tmp_path):
+    """The PNG writer's first use imports torchvision (seconds): a rate counting it would read 71 samples/s for 64."""
+    code, output = run("sample", "--backend", "torch", "--device", "cpu", "-n", 16, "--out", tmp_path / "s.png")
+    assert code == 0 and re.search(r"\(decode [\d.]+s: [\d,]+ samples/s\)", output), output
+
+
 def test_version():
     from vae_rt import __version__
 
