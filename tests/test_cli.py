@@ -90,6 +90,13 @@ def test_export_writes_both_onnx_files_and_skips_the_engine(tmp_path, tutorial_s
     assert ("engine skipped:" in output) == (engine_skip_reason() is not None)
 
 
+def test_export_refuses_a_triton_folder_it_cannot_write_before_any_export(tmp_path, tutorial_state_dict):
+    (tmp_path / "taken").write_text("a file where the repository should go")
+    assert_one_line_error(["export", tutorial_state_dict, "--out-dir", tmp_path / "export", "--triton", tmp_path / "taken"],
+                          "triton_dir", "a file of that name is in the way")
+    assert not (tmp_path / "export").exists()  # refused before the ONNX files, not after
+
+
 def test_export_with_engine_required_but_impossible_exits_2(tmp_path):
     from vae_rt.capabilities import engine_skip_reason
 

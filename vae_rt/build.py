@@ -9,6 +9,7 @@ from vae_rt.capabilities import engine_skip_reason
 from vae_rt.engine import DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, build_engine, check_profile
 from vae_rt.errors import UserError
 from vae_rt.export import ExportedModel, export_onnx
+from vae_rt.files import make_dir
 
 
 @dataclass
@@ -48,6 +49,11 @@ def export_artifacts(
     skip_reason = engine_skip_reason() if engine is not False else None
     if engine and skip_reason:
         raise UserError(f"engine: cannot build a TensorRT engine here: {skip_reason}")
+    # Folders that cannot be written to are refused now, not after minutes of export.
+    if engine is not False and not skip_reason:
+        make_dir(engine_dir, "engine folder")
+    if triton_dir is not None:
+        make_dir(triton_dir, "triton_dir")
     report = ExportReport()
     for precision in precisions:
         report.onnx[precision] = export_onnx(checkpoint, out_dir, precision, name, data_dir)
