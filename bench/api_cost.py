@@ -24,11 +24,9 @@ from vae_rt.timing import SETTLE_SECONDS
 
 
 def per_call(fn: Callable[[], Any], calls: int) -> float:
-    """Mean seconds per call, after untimed calls that outlast the spinning of the session timed before
+    """Mean seconds per call, after a pause that outlasts the spinning of the session timed before
     (`auto` runs its own ORT session)."""
-    settle = time.perf_counter() + SETTLE_SECONDS
-    while time.perf_counter() < settle:
-        fn()
+    time.sleep(SETTLE_SECONDS)
     started = time.perf_counter()
     for _ in range(calls):
         fn()

@@ -5,8 +5,12 @@
 # samples. Each step has its own time limit and log (OUT_DIR/<step>.txt). The run ends with a summary
 # (also OUT_DIR/summary.txt) of what passed, failed, timed out or was skipped and why, and exits 1
 # when any step did not pass. PYTHON names the interpreter (default python3). compare's quality gates
-# read MNIST like every command: $VAE_RT_MNIST_DIR, else ../shared/data/mnist, else a download.
+# read MNIST from $VAE_RT_MNIST_DIR (else a download, which an offline GPU machine cannot do); unset,
+# it is set here to ../shared/data/mnist, the tests' folder, when that exists.
 set -uo pipefail
+if [[ -z "${VAE_RT_MNIST_DIR:-}" && -d ../shared/data/mnist ]]; then
+    export VAE_RT_MNIST_DIR="$PWD/../shared/data/mnist"
+fi
 out=${1:-gpu-check}
 py=${PYTHON:-python3}
 budget=${GPU_CHECK_BUDGET:-480}  # seconds for the whole run; each step's limit is cut to what is left

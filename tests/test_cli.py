@@ -93,7 +93,7 @@ def test_export_writes_both_onnx_files_and_skips_the_engine(tmp_path, tutorial_s
 def test_export_refuses_a_triton_folder_it_cannot_write_before_any_export(tmp_path, tutorial_state_dict):
     (tmp_path / "taken").write_text("a file where the repository should go")
     assert_one_line_error(["export", tutorial_state_dict, "--out-dir", tmp_path / "export", "--triton", tmp_path / "taken"],
-                          "triton_dir", "a file of that name is in the way")
+                          "--triton", "a file of that name is in the way")
     assert not (tmp_path / "export").exists()  # refused before the ONNX files, not after
 
 

@@ -73,6 +73,8 @@ time.sleep(5)
 
 
 def test_a_signal_after_openvino_models_come_and_go_is_handled_not_a_crash():
-    """The CPU plugin of each openvino.Core moves the thread's signal stack; vae-rt keeps one Core (capabilities.openvino_core)."""
+    """The CPU plugin of each openvino.Core moves the thread's signal stack; vae-rt keeps one Core (capabilities.openvino_core).
+
+    It can fail only where the plugin moves the stack: seen on an AVX-512 bf16 CPU; elsewhere it passes either way."""
     result = subprocess.run([sys.executable, "-c", SIGNAL_AFTER_TWO_MODELS], capture_output=True, text=True, timeout=120, check=False)
     assert (result.returncode, result.stdout.strip()) == (0, "handled"), result.stderr[-2000:]

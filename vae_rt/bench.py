@@ -158,7 +158,7 @@ def run_benchmarks(
     The measurements of one batch size are interleaved: `rounds` rounds, each giving every target
     `min_duration / rounds` seconds. On a shared or throttling machine the drift then hits all of
     them alike, so the ratios between rows are fair even when the absolute numbers move. Each round
-    starts one row later than the one before, and each slice starts with untimed calls.
+    starts one row later than the one before, and each slice starts with a pause (`SETTLE_SECONDS`).
 
     Returns:
         The rows (targets and peers that cannot run here as rows with `runs_on` = 'skipped: <why>')
@@ -197,7 +197,7 @@ def run_benchmarks(
                 start = round_ % len(calls)
                 for index in [*range(start, len(calls)), *range(start)]:
                     latencies[index] += time_calls(
-                        calls[index], warmup=0.2 if round_ == 0 else SETTLE_SECONDS,
+                        calls[index], warmup=0.2 if round_ == 0 else 0.0, settle=SETTLE_SECONDS,
                         min_duration=min_duration / rounds, min_iterations=max(2, 10 // rounds),
                     ).latencies
                 for key, matmul in matmuls.items():

@@ -50,10 +50,10 @@ def export_artifacts(
     if engine and skip_reason:
         raise UserError(f"engine: cannot build a TensorRT engine here: {skip_reason}")
     # Folders that cannot be written to are refused now, not after minutes of export.
-    if engine is not False and not skip_reason:
+    if engine is not False and not skip_reason and "fp16" in precisions:
         make_dir(engine_dir, "engine folder")
     if triton_dir is not None:
-        make_dir(triton_dir, "triton_dir")
+        make_dir(triton_dir, "--triton")
     report = ExportReport()
     for precision in precisions:
         report.onnx[precision] = export_onnx(checkpoint, out_dir, precision, name, data_dir)

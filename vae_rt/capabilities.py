@@ -29,15 +29,23 @@ def available_providers() -> list[str]:
     return list(onnxruntime.get_available_providers())
 
 
-@functools.cache
+_openvino_lock = threading.Lock()
+
+
 def openvino_core() -> Any:
-    """The one `openvino.Core` of this process (raises ExtraMissing without openvino).
+    """The one `openvino.Core` of this process (MissingDependencyError without openvino).
 
     Each Core loads its own CPU plugin, which points the thread's alternate signal stack at memory of
     its own and frees it when the Core goes. Two Cores freed in the order they were made leave it
     pointing at freed memory, and the next Ctrl-C or SIGTERM is a segmentation fault (docs/errors.md).
-    One Core, kept, never frees it.
+    One Core, kept, never frees it; the lock keeps two first calls from making two.
     """
+    with _openvino_lock:
+        return _make_openvino_core()
+
+
+@functools.cache
+def _make_openvino_core() -> Any:
     return require("openvino", extra="cpu").Core()
 
 

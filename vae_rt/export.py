@@ -44,7 +44,7 @@ VALIDATION_BATCHES = (1, 7, None)  # None: every latent, tails included
 
 class ReducedDecoder(nn.Module):
     """Layers after the first in `dtype` (`Decoder.in_precision`) behind float32 I/O, the sigmoid in float32:
-    `Gemm/Relu -> Cast -> Gemm/Relu -> Gemm -> Cast -> sigmoid`.
+    for fp16 `Gemm/Relu -> Cast -> Gemm/Relu -> Gemm -> Cast -> sigmoid` (no Cast for float32, the int8 base).
 
     The sigmoid is written out as 1 / (1 + exp(-x)): ONNX Runtime's CPU Sigmoid returns exactly 0
     below x = -16 and loses relative precision in 1 - p near 1, which alone costs +0.46 nats of test

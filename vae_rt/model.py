@@ -74,7 +74,8 @@ class Decoder(nn.Module):
         return outputs
 
     def in_precision(self, dtype: torch.dtype) -> Decoder:
-        """This decoder with every layer but the first cast to `dtype` in place (like `Module.to`).
+        """This decoder with every layer but the first cast to `dtype` in place (like `Module.to`; the
+        layers are its VAE's too, so cast a copy or a decoder whose VAE is not used again).
 
         The first layer (0.1 % of the FLOPs) stays float32: z is a coordinate in a small latent space
         that the decoder maps steeply, and rounding z alone to fp16 moves pixels by up to 4e-3

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-# Untimed calls before each interleaved slice: ONNX Runtime's threads spin for about 30 ms after its
-# last call and slow whatever runs next on the same cores by up to 1.6x (docs/benchmarks.md).
+# A pause before each interleaved slice: ONNX Runtime's threads spin for about 30 ms after its last
+# call and slow whatever runs next on the same cores by up to 1.6x (docs/benchmarks.md).
 SETTLE_SECONDS = 0.04
 
 
@@ -37,8 +37,11 @@ class Timing:
 
 
 
-def time_calls(fn: Callable[[], Any], warmup: float = 0.2, min_duration: float = 1.0, min_iterations: int = 10) -> Timing:
-    """Call `fn` for `warmup` seconds untimed, then until both the duration and the count are reached."""
+def time_calls(
+    fn: Callable[[], Any], warmup: float = 0.2, min_duration: float = 1.0, min_iterations: int = 10, settle: float = 0.0
+) -> Timing:
+    """Sleep `settle` seconds, call `fn` for `warmup` seconds untimed, then until both the duration and the count are reached."""
+    time.sleep(settle)
     end = time.perf_counter() + warmup
     while time.perf_counter() < end:
         fn()

@@ -98,10 +98,10 @@ def measure(
     latencies: dict[str, dict[int, list[float]]] = {label: {b: [] for b in probes} for label in calls}
     for batch in probes:
         z = torch.randn(batch, z_dim, generator=torch.Generator().manual_seed(batch))
-        for _ in range(rounds):
+        for round_ in range(rounds):
             for label, decode in calls.items():
-                timing = time_calls(functools.partial(decode, z), warmup=max(seconds, SETTLE_SECONDS),
-                                    min_duration=seconds, min_iterations=2)
+                timing = time_calls(functools.partial(decode, z), warmup=seconds if round_ == 0 else 0.0,
+                                    min_duration=seconds, min_iterations=2, settle=SETTLE_SECONDS)
                 latencies[label][batch] += timing.latencies
     return {label: {b: _median(values) for b, values in per_batch.items()} for label, per_batch in latencies.items()}
 

@@ -124,8 +124,9 @@ def latent_rows(z: object) -> int:
 
 
 def all_finite(values: torch.Tensor | np.ndarray) -> bool:
-    """Whether no value is NaN/Inf. Host memory is checked by numpy, on this thread: torch's check would
-    wake its own thread pool, which then fights ONNX Runtime's for the cores (docs/benchmarks.md)."""
+    """Whether no value is NaN/Inf. Host memory is checked on this thread (numpy, or a plain loop for a
+    few values): torch's check would wake its own thread pool, which then fights ONNX Runtime's for the
+    cores (docs/benchmarks.md)."""
     if isinstance(values, torch.Tensor):
         if not values.is_cpu:
             return bool(torch.isfinite(values).all())
@@ -186,7 +187,7 @@ def to_device(z: Latents, device: str) -> torch.Tensor:
         if not (z.flags.c_contiguous and z.flags.writeable):
             z = z.copy()  # torch cannot wrap negative strides, and warns on read-only memory
         z = torch.from_numpy(z)
-    return z.to(device, non_blocking=True)
+    return z.to(device, non_blocking=device != "cpu")  # a copy to the host must be complete before it is read
 
 
 def get_backend(name: str, **kwargs: Any) -> BaseBackend:

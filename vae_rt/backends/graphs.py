@@ -95,12 +95,12 @@ def _clear_generator_capture_mark() -> None:
     encountered unexpectedly". A capture of one trivial kernel that ends well clears it; the
     generator's seed and offset are untouched.
     """
-    scratch = torch.empty(1, device="cuda")
-    stream = torch.cuda.Stream()
-    try:
+    try:  # never in place of the error being handled: after an OOM even this allocation can fail
+        scratch = torch.empty(1, device="cuda")
+        stream = torch.cuda.Stream()
         with torch.cuda.stream(stream), torch.cuda.graph(torch.cuda.CUDAGraph(), stream=stream, capture_error_mode="thread_local"):
             scratch.zero_()
-    except RuntimeError as error:
+    except RuntimeError as error:  # torch's CUDA errors, out-of-memory included
         log.warning("after a failed CUDA graph capture, CUDA random numbers may fail in this process: %s", first_line(error))
 
 
