@@ -37,14 +37,18 @@ def test_a_refused_batch_says_why_and_that_it_was_merged():
 
 
 def test_options_are_checked_before_anything_starts():
-    with pytest.raises(UserError, match="max_batch must be between 1 and 4194304, got 0"):
+    with pytest.raises(UserError, match="max_batch must be an integer between 1 and 4194304, got 0"):
         ServeOptions(max_batch=0).check()
-    with pytest.raises(UserError, match="max_queue_delay_us must be between 0 and 10000000, got 1000000000000"):
+    with pytest.raises(UserError, match="max_batch must be an integer between 1 and 4194304, got 2.5"):
+        ServeOptions(max_batch=2.5).check()  # the Python API takes what typer would have refused
+    with pytest.raises(UserError, match="max_queue_delay_us must be an integer between 0 and 10000000, got 1000000000000"):
         ServeOptions(max_queue_delay_us=10**12).check()
     with pytest.raises(UserError, match="the HTTP and metrics ports are both 9000"):
         ServeOptions(http_port=9000, metrics_port=9000).check()
-    with pytest.raises(UserError, match="the gRPC port must be between 1 and 65535, got 70000"):
+    with pytest.raises(UserError, match="the gRPC port must be an integer between 1 and 65535, got 70000"):
         ServeOptions(grpc_port=70000).check()
+    with pytest.raises(UserError, match="the HTTP port must be an integer between 1 and 65535, got '8000'"):
+        ServeOptions(http_port="8000").check()  # a string compared with ints was a TypeError
 
 
 def test_a_busy_port_is_named_with_its_option():

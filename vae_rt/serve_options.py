@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass
 
 from vae_rt.errors import UserError
-from vae_rt.limits import MAX_BATCH, MAX_QUEUE_DELAY_US, check_between
+from vae_rt.limits import MAX_BATCH, MAX_QUEUE_DELAY_US, check_integer
 
 
 @dataclass(frozen=True)
@@ -28,13 +28,12 @@ class ServeOptions:
 
     def check(self) -> None:
         """Every value in range and every port free, before Triton starts (it would wait minutes on a busy one)."""
-        check_between("max_batch", self.max_batch, 1, MAX_BATCH)
-        check_between("max_queue_delay_us", self.max_queue_delay_us, 0, MAX_QUEUE_DELAY_US)
+        check_integer("max_batch", self.max_batch, 1, MAX_BATCH)
+        check_integer("max_queue_delay_us", self.max_queue_delay_us, 0, MAX_QUEUE_DELAY_US)
         ports = {"HTTP": self.http_port, "gRPC": self.grpc_port, "metrics": self.metrics_port}
         seen: dict[int, str] = {}
         for name, port in ports.items():
-            if not 1 <= port <= 65535:
-                raise UserError(f"the {name} port must be between 1 and 65535, got {port}")
+            check_integer(f"the {name} port", port, 1, 65535)
             if port in seen:
                 raise UserError(f"the {seen[port]} and {name} ports are both {port}; each needs its own")
             seen[port] = name
