@@ -69,6 +69,15 @@ def test_a_png_sample_times_the_decode_alone(tmp_path):
     assert code == 0 and re.search(r"\(decode [\d.]+s: [\d,]+ samples/s\)", output), output
 
 
+def test_manifold_refuses_a_latent_space_that_is_not_2d_before_any_export(tmp_path, monkeypatch):
+    from vae_rt.model import VAE, VAEConfig
+
+    monkeypatch.setenv("VAE_RT_CACHE_DIR", str(tmp_path / "cache"))
+    torch.save(VAE(VAEConfig(z_dim=8, h1_dim=64, h2_dim=32)).state_dict(), tmp_path / "z8.pth")
+    assert_one_line_error(["manifold", "--model", tmp_path / "z8.pth", "--out", tmp_path / "m.png"], "2-D latent space", "z_dim=8")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "m.png").exists()  # no ONNX export, no tuning run
+
+
 def test_version():
     from vae_rt import __version__
 

@@ -343,12 +343,18 @@ def manifold(
     out_path: Annotated[Path, typer.Option("--out", help="PNG file.")] = Path("manifold.png"),
 ) -> None:
     """The learned 2-D manifold: decoded images over the latent plane, at the normal's quantiles."""
+    from vae_rt.checkpoint import BUNDLED_CHECKPOINT
     from vae_rt.output import check_output, write_png
+    from vae_rt.resolve import artifact_kind, latent_size_and_precision
     from vae_rt.sampler import manifold_latents, open_sampler
 
     check_output(out_path, grid * grid, "float32")
     if out_path.suffix.lower() != ".png":
         raise UserError(f"--out {out_path}: the manifold is a picture; use .png")
+    path = model or BUNDLED_CHECKPOINT
+    kind = artifact_kind(path)
+    if kind != "plan":  # a latent space that is not 2-D is refused now, not after an export and a tuning run
+        manifold_latents(grid, latent_size_and_precision(path, kind)[0])
     with open_sampler(model, backend, precision, device) as sampler:
         write_png(sampler.decode(manifold_latents(grid, sampler.z_dim)), out_path, nrow=grid)
         out.print(f"wrote {out_path} ({grid}x{grid}) with {sampler.describe()}")

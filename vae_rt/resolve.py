@@ -69,7 +69,7 @@ def cpu_auto_backend(path: Path, kind: str, precision: str | None) -> tuple[Base
     from vae_rt.tuning import candidate_engines, requested_precisions
 
     installed = {"torch"} | ({"ort"} if available_providers() else set()) | ({"openvino"} if _installed("openvino") else set())
-    z_dim, _, stored = inspect_onnx(path) if kind == "onnx" else (read_checkpoint(path)["config"].z_dim, 0, "fp32")
+    z_dim, stored = latent_size_and_precision(path, kind)
     if stored != "fp32":
         precisions = [stored]
     elif precision == "auto" and kind != "checkpoint":
@@ -95,6 +95,14 @@ def cpu_auto_backend(path: Path, kind: str, precision: str | None) -> tuple[Base
         return make(*engines[0]), f"{' '.join(engines[0])} is the only CPU engine for {', '.join(precisions)} here{gates}"
     auto = AutoBackend(engines, make, digest, z_dim).open()
     return auto, auto.why + gates
+
+
+def latent_size_and_precision(path: Path, kind: str) -> tuple[int, str]:
+    """(z_dim, stored precision) of a checkpoint or an ONNX file, read without opening an engine."""
+    if kind == "onnx":
+        z_dim, _, stored = inspect_onnx(path)
+        return z_dim, stored
+    return read_checkpoint(path)["config"].z_dim, "fp32"
 
 
 def _installed(module: str) -> bool:
