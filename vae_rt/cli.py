@@ -353,10 +353,13 @@ def manifold(
         raise UserError(f"--out {out_path}: the manifold is a picture; use .png")
     path = model or BUNDLED_CHECKPOINT
     kind = artifact_kind(path)
-    if kind != "plan":  # a latent space that is not 2-D is refused now, not after an export and a tuning run
-        manifold_latents(grid, latent_size_and_precision(path, kind)[0])
+    # Made before the sampler where the file tells z_dim (a plan needs TensorRT to tell it): a latent
+    # space that is not 2-D is refused now, not after an export and a tuning run.
+    latents = manifold_latents(grid, latent_size_and_precision(path, kind)[0]) if kind != "plan" else None
     with open_sampler(model, backend, precision, device) as sampler:
-        write_png(sampler.decode(manifold_latents(grid, sampler.z_dim)), out_path, nrow=grid)
+        if latents is None:
+            latents = manifold_latents(grid, sampler.z_dim)
+        write_png(sampler.decode(latents), out_path, nrow=grid)
         out.print(f"wrote {out_path} ({grid}x{grid}) with {sampler.describe()}")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -104,18 +104,19 @@ class BaseBackend:
 
 
 @contextmanager
-def engine_failures(engine: str) -> Iterator[None]:
-    """An engine's own error during a run (a graph that computes another shape than it declares, say) as one line."""
+def engine_failures(describe: Callable[[], str]) -> Iterator[None]:
+    """An engine's own error during a run (a graph that computes another shape than it declares, say) as
+    one line. `describe` (a backend's) is called only then: each decode would otherwise build the text."""
     try:
         yield
     except Exception as err:  # ONNX Runtime and OpenVINO raise their own exception types
-        raise RuntimeFailure(f"{engine} failed: {' '.join(str(err).split())[:400]}") from err
+        raise RuntimeFailure(f"{describe()} failed: {' '.join(str(err).split())[:400]}") from err
 
 
-def check_output_shape(engine: str, rows: int, x_dim: int, shape: tuple[int, ...]) -> None:
+def check_output_shape(describe: Callable[[], str], rows: int, x_dim: int, shape: tuple[int, ...]) -> None:
     """Refuse an output that is not [rows, x_dim]: a graph that computes other than its declared shape."""
     if tuple(shape) != (rows, x_dim):
-        raise RuntimeFailure(f"{engine}: {rows} latents gave output {list(shape)}, not [B, {x_dim}]")
+        raise RuntimeFailure(f"{describe()}: {rows} latents gave output {list(shape)}, not [B, {x_dim}]")
 
 
 def latent_rows(z: object) -> int:

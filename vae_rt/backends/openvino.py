@@ -76,10 +76,10 @@ class OpenVinoBackend(BaseBackend):
         rows = z.shape[0]
         # Into the request's own output buffer, then copied out: OpenVINO writes into a buffer of the
         # caller's more slowly than into its own plus this copy (docs/benchmarks.md).
-        with engine_failures(self.describe()):
+        with engine_failures(self.describe):
             self._request.infer({0: to_device(z, "cpu").numpy()}, share_inputs=True, share_outputs=True)
             result = self._request.get_output_tensor().data
-        check_output_shape(self.describe(), rows, self.x_dim, result.shape)  # np.copyto would broadcast [1, 784]
+        check_output_shape(self.describe, rows, self.x_dim, result.shape)  # np.copyto would broadcast [1, 784]
         images = out if out is not None else torch.empty((rows, *IMAGE_SHAPE), dtype=torch.float32)
         np.copyto(images.view(rows, self.x_dim).numpy(), result)
         return images

@@ -72,9 +72,9 @@ class OrtBackend(BaseBackend):
     def _decode(self, z: Latents, out: torch.Tensor | None) -> torch.Tensor:
         if self.device == "cpu" and out is None:
             host_z = z if isinstance(z, np.ndarray) else z.cpu().numpy()
-            with engine_failures(self.describe()):
+            with engine_failures(self.describe):
                 (images,) = self._session.run([OUTPUT_NAME], {INPUT_NAME: host_z})
-            check_output_shape(self.describe(), len(host_z), self.x_dim, images.shape)
+            check_output_shape(self.describe, len(host_z), self.x_dim, images.shape)
             return torch.from_numpy(images.reshape(len(images), *IMAGE_SHAPE))
         return self._decode_bound(z, out)
 
@@ -88,7 +88,7 @@ class OrtBackend(BaseBackend):
         binding.bind_output(OUTPUT_NAME, self.device, index, np.float32, (len(z), self.x_dim), images.data_ptr())
         if self.device == "cuda":
             torch.cuda.current_stream().synchronize()  # z must be in place before ORT's own stream reads it
-        with engine_failures(self.describe()):
+        with engine_failures(self.describe):
             self._session.run_with_iobinding(binding)
         binding.synchronize_outputs()  # images are complete before torch reads them
         return images
