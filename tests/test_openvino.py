@@ -45,10 +45,21 @@ def test_bf16_is_refused_in_one_line_without_native_bf16(bundled):
 def test_refuses_what_it_cannot_run(bundled):
     with pytest.raises(UserError, match="runs on the CPU only"):
         open_sampler(bundled, "openvino", "fp32", "cuda")
-    with pytest.raises(UserError, match="serves fp32 or bf16, not fp16"):
+    with pytest.raises(UserError, match="serves fp32, bf16, int8, not fp16"):
         open_sampler(bundled, "openvino", "fp16", "cpu")
-    with pytest.raises(UserError, match="reads the fp32 ONNX"):
+    with pytest.raises(UserError, match="reads an fp32 or int8 ONNX; .* is fp16"):
         open_sampler(cached_onnx(bundled, "fp16"), "openvino", None, "cpu")
+    with pytest.raises(UserError, match="runs int8 from the int8 ONNX; .* is fp32"):
+        open_sampler(cached_onnx(bundled, "fp32"), "openvino", "int8", "cpu")
+
+
+def test_an_fp32_model_has_no_int8_layers(bundled):
+    """What the int8 check counts: on a model with nothing quantized, nothing (so int8 there would be refused)."""
+    from vae_rt.backends.openvino import int8_layers
+    from vae_rt.capabilities import openvino_core
+
+    compiled = openvino_core().compile_model(str(cached_onnx(bundled, "fp32")), "CPU")
+    assert int8_layers(compiled.get_runtime_model()) == []
 
 
 def test_runs_an_onnx_file_given_as_the_model(bundled):

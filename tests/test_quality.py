@@ -18,7 +18,7 @@ from vae_rt.evaluate import to_pixels
 from vae_rt.export import export_onnx
 from vae_rt.files import sha256_file
 from vae_rt.quality import QUALITY_LIMITS, quality_gate
-from vae_rt.sampler import open_sampler
+from vae_rt.sampler import draw_latents, open_sampler
 
 pytest.importorskip("onnxruntime")
 
@@ -80,6 +80,21 @@ def test_int8_file_runs_on_the_ort_cpu_provider_within_its_gate(int8_export, mod
         gate = quality_gate(model, sampler.decode, "int8", test_pixels[:SUBSET])
     assert images.shape == (64, 1, 28, 28) and images.min() >= 0 and images.max() <= 1
     assert gate.passed and gate.delta > 0
+
+
+def test_int8_file_runs_on_openvino_in_int8_as_onnx_runtime_does(int8_export, model, test_pixels):
+    """OpenVINO runs the quantized layers in int8 and the rest in fp32: ORT's numbers on ordinary latents, the same gate."""
+    pytest.importorskip("openvino")
+    from vae_rt.backends.openvino import int8_layers
+
+    z = draw_latents(1000, 2, seed=3)
+    with open_sampler(int8_export.path, "openvino", None, "cpu") as ov, open_sampler(int8_export.path, "ort", "int8", "cpu") as ort:
+        assert ov.describe() == "openvino int8 on cpu"
+        assert len(int8_layers(ov.backend._request.get_compiled_model().get_runtime_model())) == 2  # fc5 and fc6
+        assert (ov.decode(z) - ort.decode(z)).abs().max() <= 1e-5
+        assert (ov.decode(z[:1]) - ort.decode(z[:1])).abs().max() <= 1e-5
+        gate = quality_gate(model, ov.decode, "int8", test_pixels[:SUBSET])
+        assert gate.passed and gate.this == pytest.approx(quality_gate(model, ort.decode, "int8", test_pixels[:SUBSET]).this, abs=1e-3)
 
 
 def test_a_broken_quantization_fails_the_gate_and_keeps_the_good_file(int8_export, mnist_dir, monkeypatch):

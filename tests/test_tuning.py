@@ -54,7 +54,10 @@ def test_candidate_engines_follow_what_each_backend_can_read():
     assert tuning.candidate_engines(["fp32"], "onnx", "fp32", {"torch"}, True) == []  # torch cannot read ONNX
     assert tuning.candidate_engines(["fp16"], "onnx", "fp16", everything, True) == [("ort", "fp16")]
     assert tuning.candidate_engines(["fp16"], "onnx", "fp32", everything, True) == []  # no fp16 twin of the file
-    assert tuning.candidate_engines(["int8"], "checkpoint", "fp32", everything, True) == [("ort", "int8")]
+    assert tuning.candidate_engines(["int8"], "checkpoint", "fp32", everything, True) == [("ort", "int8"), ("openvino", "int8")]
+    assert tuning.candidate_engines(["int8"], "onnx", "int8", everything, False) == [("ort", "int8"), ("openvino", "int8")]
+    assert tuning.candidate_engines(["int8"], "onnx", "fp32", everything, True) == []  # no int8 twin of the file
+    assert tuning.candidate_engines(["fp32"], "onnx", "int8", everything, True) == []
 
 
 def test_cache_round_trip_and_every_reason_to_distrust_it(tmp_path):

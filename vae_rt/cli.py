@@ -426,7 +426,7 @@ def bench(
     duration: Annotated[float, typer.Option(help="Seconds timed per row, spread over 5 interleaved rounds (after warm-up).")] = 1.0,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a samples/s-vs-batch plot (PNG).")] = None,
-    peers: Annotated[bool, typer.Option(help="Also time torch.compile, raw ONNX Runtime, raw OpenVINO f32/bf16 and ORT int8.")] = False,
+    peers: Annotated[bool, typer.Option(help="Also time torch.compile, raw ONNX Runtime, raw OpenVINO f32/bf16, and ORT and OpenVINO on int8.")] = False,
 ) -> None:
     """Latency and throughput of every backend/precision available here, in one run (trtexec-style)."""
     from vae_rt.bench import bench_targets, describe_machine, plot_throughput, run_benchmarks, write_report

@@ -1,8 +1,8 @@
 """What a user would call instead of vae-rt, set up the way each library's own documentation does it.
 
 Timed by `vae-rt bench --peers` in the same run and the same interleaved rounds as vae-rt's rows:
-torch.compile, a raw ONNX Runtime session, raw OpenVINO in f32 and bf16, and ONNX Runtime on an int8
-model (the exported one when it exists, else ONNX Runtime's own dynamic quantization, made now).
+torch.compile, a raw ONNX Runtime session, raw OpenVINO in f32 and bf16, and ONNX Runtime and OpenVINO
+on an int8 model (the exported one when it exists, else ONNX Runtime's own dynamic quantization, made now).
 Each peer's input is converted to its own form once, outside the timed call, as a hot loop would do.
 """
 
@@ -28,6 +28,7 @@ PEERS = {  # name -> (the rows' backend column, precision)
     "openvino-f32": ("peer openvino", "fp32"),
     "openvino-bf16": ("peer openvino", "bf16"),
     "ort-int8": ("peer ort", "int8"),
+    "openvino-int8": ("peer openvino", "int8"),
 }
 
 
@@ -47,6 +48,7 @@ def open_peers(names: tuple[str, ...], checkpoint: Path, onnx_fp32: Path, work_d
         "openvino-f32": lambda: _openvino(onnx_fp32, "f32"),
         "openvino-bf16": lambda: _openvino(onnx_fp32, "bf16"),
         "ort-int8": lambda: _ort_session("int8", int8_model(onnx_fp32, work_dir)),
+        "openvino-int8": lambda: _openvino(int8_model(onnx_fp32, work_dir), "int8"),
     }
     peers, skipped = [], []
     for name in names:
@@ -87,19 +89,22 @@ def _ort_session(precision: str, path: Path) -> Peer:
 
 
 def _openvino(path: Path, precision: str) -> Peer:
+    """OpenVINO at hint `precision` ('f32' or 'bf16'); an int8 model ('int8') with the plugin's defaults."""
     import openvino as ov
     import openvino.properties.hint as hints
 
     core = openvino_core()
     if precision == "bf16" and not native_bf16():
         raise PeerUnavailable("this CPU has no native bf16 (OpenVINO would run f32)")
-    compiled = core.compile_model(str(path), "CPU", {hints.inference_precision: getattr(ov.Type, precision)})
+    config = {} if precision == "int8" else {hints.inference_precision: getattr(ov.Type, precision)}
+    compiled = core.compile_model(str(path), "CPU", config)
 
     def prepare(z: torch.Tensor) -> Callable[[], Any]:
         array = z.numpy()
         return lambda: compiled(array)  # CompiledModel.__call__ reuses one infer request
 
-    return Peer("peer openvino", "bf16" if precision == "bf16" else "fp32", f"openvino CompiledModel, hint {precision}", prepare)
+    hint = "defaults" if precision == "int8" else f"hint {precision}"
+    return Peer("peer openvino", PEERS[f"openvino-{precision}"][1], f"openvino CompiledModel on {path.name}, {hint}", prepare)
 
 
 def int8_model(onnx_fp32: Path, work_dir: Path) -> Path:

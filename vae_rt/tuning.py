@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from vae_rt import __version__
+from vae_rt.backends.openvino import ONNX_FOR_PRECISION
 from vae_rt.cache import load_record, record_path, save_record
 from vae_rt.machine import cpu_isa, cpu_model
 from vae_rt.timing import SETTLE_SECONDS, time_calls
@@ -137,7 +138,7 @@ CPU_ENGINES = {  # precision -> the backends serving it on the CPU
     "fp32": ("ort", "openvino", "torch"),
     "bf16": ("openvino", "torch"),
     "fp16": ("ort",),
-    "int8": ("ort",),
+    "int8": ("ort", "openvino"),
 }
 # What `precision="auto"` may add to fp32 once its quality gate passed. Not fp16: ONNX Runtime's CPU
 # provider computes it in fp32 and converts around it, slower than fp32 (docs/benchmarks.md).
@@ -160,9 +161,9 @@ def candidate_engines(precisions: list[str], kind: str, stored: str, installed: 
     """(backend, precision) pairs worth timing for a model of `kind` ('checkpoint' or 'onnx') stored in `stored`.
 
     torch needs a checkpoint; ort runs a checkpoint's export in any precision, or an ONNX file as it is;
-    OpenVINO reads fp32 models and runs bf16 only where the CPU has it natively (it would fall back to
-    fp32 otherwise, which its backend refuses). torch stays a bf16 candidate without native bf16: asked
-    for explicitly, it is what has always run.
+    OpenVINO runs fp32 and bf16 from an fp32 file and int8 from an int8 one, and bf16 only where the
+    CPU has it natively (it would fall back to fp32 otherwise, which its backend refuses). torch stays
+    a bf16 candidate without native bf16: asked for explicitly, it is what has always run.
     """
     engines = []
     for precision in precisions:
@@ -170,7 +171,7 @@ def candidate_engines(precisions: list[str], kind: str, stored: str, installed: 
             runs = {
                 "torch": kind == "checkpoint",
                 "ort": kind == "checkpoint" or precision == stored,
-                "openvino": stored == "fp32" and (precision == "fp32" or bf16_native),
+                "openvino": (kind == "checkpoint" or ONNX_FOR_PRECISION.get(precision) == stored) and (precision != "bf16" or bf16_native),
             }[backend]
             if runs and backend in installed:
                 engines.append((backend, precision))

@@ -1,14 +1,17 @@
-"""The OpenVINO backend: the exported fp32 ONNX on OpenVINO's CPU plugin, in fp32 or bf16.
+"""The OpenVINO backend: the exported ONNX on OpenVINO's CPU plugin, in fp32, bf16 or int8.
 
-bf16 is OpenVINO's inference-precision hint, not a separate file. The plugin quietly falls back to
-fp32 where the CPU has no native bf16 (AVX-512 BF16 or AMX), so bf16 is refused up front on such a
-CPU and the precision the compiled model really uses is checked after compiling, never assumed.
+bf16 is OpenVINO's inference-precision hint on the fp32 file; int8 is the exported static-QDQ file,
+whose quantized layers OpenVINO runs in int8 and the rest in fp32 (as ONNX Runtime does, to 1e-7).
+The plugin quietly falls back to fp32 where the CPU has no native bf16 (AVX-512 BF16 or AMX), and
+could run quantized layers dequantized, so bf16 is refused up front on such a CPU and what the
+compiled model really runs is checked after compiling, never assumed.
 `openvino` (extra `cpu`) is imported only when the backend opens.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,14 +22,14 @@ from vae_rt.capabilities import native_bf16, openvino_core
 from vae_rt.errors import UserError, require
 from vae_rt.model import IMAGE_SHAPE
 
-OV_PRECISIONS = ("fp32", "bf16")
+ONNX_FOR_PRECISION = {"fp32": "fp32", "bf16": "fp32", "int8": "int8"}  # precision -> the exported file it runs
 
 
 class OpenVinoBackend(BaseBackend):
     """One compiled model with one infer request, run synchronously: the lowest-overhead call per batch.
 
     The model keeps the ONNX file's dynamic batch dimension, so any batch size runs on one compiled
-    model. Each call hands OpenVINO the latents' and the result's memory (no copies either way).
+    model. Each call hands OpenVINO the latents' memory and copies the result out of the request's.
     """
 
     name = "openvino"
@@ -34,13 +37,15 @@ class OpenVinoBackend(BaseBackend):
     def __init__(self, onnx_path: Path, precision: str | None = None, device: str = "cpu", threads: int | None = None):
         if device not in ("auto", "cpu"):
             raise UserError(f"backend openvino runs on the CPU only, not on {device}")
-        precision = precision or "fp32"
-        if precision not in OV_PRECISIONS:
-            raise UserError(f"backend openvino serves {' or '.join(OV_PRECISIONS)}, not {precision}")
+        if precision is not None and precision not in ONNX_FOR_PRECISION:
+            raise UserError(f"backend openvino serves {', '.join(ONNX_FOR_PRECISION)}, not {precision}")
         self.onnx_path = Path(onnx_path)
         z_dim, self.x_dim, stored = inspect_onnx(self.onnx_path)
-        if stored != "fp32":
-            raise UserError(f"backend openvino reads the fp32 ONNX (its precision is a hint); {self.onnx_path} is {stored}")
+        precision = precision or stored
+        if precision not in ONNX_FOR_PRECISION:
+            raise UserError(f"backend openvino reads an fp32 or int8 ONNX; {self.onnx_path} is {stored}")
+        if ONNX_FOR_PRECISION[precision] != stored:
+            raise UserError(f"backend openvino runs {precision} from the {ONNX_FOR_PRECISION[precision]} ONNX; {self.onnx_path} is {stored}")
         super().__init__(precision, "cpu")
         self.z_dim = z_dim
         self.threads = threads or torch.get_num_threads()  # the same cores torch and ort use: a fair comparison
@@ -54,7 +59,7 @@ class OpenVinoBackend(BaseBackend):
         core = openvino_core()
         if self.precision == "bf16" and not native_bf16():
             raise UserError("precision bf16: this CPU has no native bf16 (OpenVINO reports no BF16 capability)")
-        wanted = ov.Type.bf16 if self.precision == "bf16" else ov.Type.f32
+        wanted = ov.Type.bf16 if self.precision == "bf16" else ov.Type.f32  # int8: what is not quantized runs in fp32
         config = {
             hints.inference_precision: wanted,
             hints.performance_mode: hints.PerformanceMode.LATENCY,  # one stream on all threads: one caller, one batch at a time
@@ -67,6 +72,8 @@ class OpenVinoBackend(BaseBackend):
         actual = compiled.get_property(hints.inference_precision)
         if actual != wanted:
             raise UserError(f"precision {self.precision}: openvino compiled the model in {actual}, not {wanted}")
+        if self.precision == "int8" and not int8_layers(compiled.get_runtime_model()):
+            raise UserError(f"precision int8: openvino runs no layer of {self.onnx_path.name} in int8 on this CPU")
         self._request = compiled.create_infer_request()
 
     def _close(self) -> None:
@@ -83,6 +90,16 @@ class OpenVinoBackend(BaseBackend):
         images = out if out is not None else torch.empty((rows, *IMAGE_SHAPE), dtype=torch.float32)
         np.copyto(images.view(rows, self.x_dim).numpy(), result)
         return images
+
+
+def int8_layers(runtime_model: Any) -> list[str]:
+    """The matrix products of a compiled model (`CompiledModel.get_runtime_model()`) that really compute in int8."""
+    found = []
+    for op in runtime_model.get_ordered_ops():
+        info = op.get_rt_info()
+        if info["layerType"].astype(str) in ("FullyConnected", "MatMul") and info["runtimePrecision"].astype(str) in ("i8", "u8"):
+            found.append(op.get_friendly_name())
+    return found
 
 
 def create(onnx_path: Path, precision: str | None = None, device: str = "cpu", **options: int) -> OpenVinoBackend:
