@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -103,14 +102,24 @@ class BaseBackend:
         raise NotImplementedError
 
 
-@contextmanager
-def engine_failures(describe: Callable[[], str]) -> Iterator[None]:
+class engine_failures:
     """An engine's own error during a run (a graph that computes another shape than it declares, say) as
-    one line. `describe` (a backend's) is called only then: each decode would otherwise build the text."""
-    try:
-        yield
-    except Exception as err:  # ONNX Runtime and OpenVINO raise their own exception types
-        raise RuntimeFailure(f"{describe()} failed: {' '.join(str(err).split())[:400]}") from err
+    one line. `describe` (a backend's) is called only then: each decode would otherwise build the text.
+
+    A class: entered on every decode, a @contextmanager generator cost more (docs/benchmarks.md).
+    """
+
+    __slots__ = ("describe",)
+
+    def __init__(self, describe: Callable[[], str]):
+        self.describe = describe
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, traceback: object) -> None:
+        if isinstance(err, Exception):  # ONNX Runtime and OpenVINO raise their own exception types
+            raise RuntimeFailure(f"{self.describe()} failed: {' '.join(str(err).split())[:400]}") from err
 
 
 def check_output_shape(describe: Callable[[], str], rows: int, x_dim: int, shape: tuple[int, ...]) -> None:
