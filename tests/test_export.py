@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from vae_rt.artifacts import OnnxModelError, inspect_onnx, read_manifest
-from vae_rt.checkpoint import load_checkpoint
+from vae_rt.checkpoint import load_checkpoint, save_checkpoint
+from vae_rt.errors import RuntimeFailure
 from vae_rt.export import FP16_MAX, activation_peaks, export_onnx
 from vae_rt.files import sha256_file
 from vae_rt.parity import parity_latents
@@ -91,6 +92,17 @@ def test_activation_peaks_flag_fp16_overflow(random_checkpoint):
     with torch.no_grad():
         model.fc5.weight.mul_(1e5)
     assert activation_peaks(model, z)["fc5"] > FP16_MAX
+
+
+def test_a_decoder_that_overflows_float32_is_named_not_onnx_runtime(random_checkpoint, tmp_path):
+    """Its own fp32 output is NaN: the parity check would blame ONNX Runtime for disagreeing with a NaN reference."""
+    model, _ = load_checkpoint(random_checkpoint)
+    with torch.no_grad():
+        model.fc5.weight.fill_(3e38)
+    save_checkpoint(tmp_path / "huge.pth", model)
+    with pytest.raises(RuntimeFailure, match=r"^huge.pth: its fp32 decoder gives NaN/Inf from layer fc5 .*nothing exported$"):
+        export_onnx(tmp_path / "huge.pth", tmp_path / "out", "fp32")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("content", [b"", b"not an onnx model at all"])

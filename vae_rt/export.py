@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -90,6 +91,11 @@ def export_onnx(
         raise UserError(f"name must be a plain file name (no folders: they go in out_dir), got {name!r}")
     source = Path(checkpoint) if checkpoint is not None else BUNDLED_CHECKPOINT
     model, _ = load_checkpoint(source)
+    peaks = activation_peaks(model, parity_latents(model.config.z_dim))
+    overflowing = [layer for layer, peak in peaks.items() if not math.isfinite(peak)]
+    if overflowing:  # the reference itself is NaN/Inf: no engine could agree with it, and none is to blame
+        raise RuntimeFailure(f"{source.name}: its fp32 decoder gives NaN/Inf from layer {overflowing[0]} on the check "
+                             "latents (normal draws and tail points; the weights overflow float32): nothing exported")
     out_dir = make_dir(out_dir, "out_dir")
     path = onnx_path_for(out_dir, name or source.stem, precision)
     train_pixels, test_pixels = (to_pixels(images) for images in load_mnist(data_dir)) if precision != "fp32" else (None, None)
@@ -108,7 +114,6 @@ def export_onnx(
             gate = gate_with_ort(tmp, model, precision, test_pixels)
             if not gate:
                 raise RuntimeFailure(f"{path.name} not written: quality gate {gate.summary()}")
-    peaks = activation_peaks(model, parity_latents(model.config.z_dim))
     if precision == "fp16" and max(peaks.values()) > FP16_MAX:
         log.warning("%s: activations reach %.4g, beyond fp16's %g: expect Inf/NaN", path.name, max(peaks.values()), FP16_MAX)
     manifest = {
