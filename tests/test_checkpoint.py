@@ -130,3 +130,13 @@ def test_random_bytes_are_always_a_corrupt_checkpoint(tmp_path):
             warnings.simplefilter("error")  # a warning would be a second line on the CLI's stderr
             with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
                 read_checkpoint(path)
+
+
+def test_a_sparse_weight_is_refused_without_torch_s_note_on_validating_it(tmp_path):
+    model = VAE(VAEConfig(z_dim=2, h1_dim=16, h2_dim=8))
+    state = {name: value.to_sparse() if name == "fc5.weight" else value for name, value in model.state_dict().items()}
+    torch.save(state, tmp_path / "sparse.pth")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's note would be a second line on the CLI's stderr
+        with pytest.raises(CheckpointError, match="fc5.weight is stored as a torch.sparse_coo tensor, not a dense one"):
+            load_checkpoint(tmp_path / "sparse.pth")

@@ -53,6 +53,8 @@ def read_checkpoint(path: Path | None) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():  # garbage can look like an exotic pickle protocol; the error says enough
             warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._weights_only_unpickler")
+            # a sparse tensor gets a note on how torch validates it; it is refused below, in one line
+            warnings.filterwarnings("ignore", message="Validating sparse tensor invariants", category=UserWarning)
             raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # random bytes fail the unpickler in many ways: IndexError, KeyError, ...
         unsafe = isinstance(err, pickle.UnpicklingError) and re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
