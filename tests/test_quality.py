@@ -118,5 +118,5 @@ def test_a_broken_quantization_fails_the_gate_and_keeps_the_good_file(int8_expor
 
 
 def test_torch_has_no_int8_decoder():
-    with pytest.raises(UserError, match="int8 runs on --backend ort"):
+    with pytest.raises(UserError, match="int8 runs on --backend ort or openvino"):
         get_backend("torch", checkpoint=None, precision="int8", device="cpu")

@@ -40,7 +40,7 @@ def test_backends_refuse_files_they_cannot_run(tmp_path, random_checkpoint):
         open_sampler(random_checkpoint, "tensorflow")
     with pytest.raises(UserError, match="precision must be one of"):
         open_sampler(random_checkpoint, "torch", "int4")
-    with pytest.raises(UserError, match="int8 runs on --backend ort"):
+    with pytest.raises(UserError, match="int8 runs on --backend ort or openvino"):
         open_sampler(random_checkpoint, "torch", "int8")
     with pytest.raises(UserError, match="fp32 model, not fp16"):
         open_sampler(onnx_path, "ort", "fp16")

@@ -23,7 +23,7 @@ class TorchBackend(BaseBackend):
     def __init__(self, checkpoint: Path | None, precision: str = "fp32", device: str = "auto", cuda_graphs: bool = True):
         super().__init__(precision, device)
         if precision not in DTYPES:
-            raise UserError(f"--backend torch serves {', '.join(DTYPES)}; {precision} runs on --backend ort")
+            raise UserError(f"--backend torch serves {', '.join(DTYPES)}; {precision} runs on --backend ort or openvino")
         self.checkpoint = checkpoint
         self.use_graphs = cuda_graphs and self.device == "cuda"
         self._decoder: Decoder | None = None
