@@ -77,6 +77,17 @@ def test_cache_round_trip_and_every_reason_to_distrust_it(tmp_path):
     assert tuning.cache_path(key) != tuning.cache_path({**key, "model_sha256": "cd" * 32})
 
 
+def test_a_cache_may_lack_an_engine_that_could_not_run_but_never_holds_a_stranger(tmp_path):
+    key = tuning.tuning_key("ab" * 32, list(TIMINGS))
+    path = tmp_path / "t.json"
+    without_openvino = {label: t for label, t in TIMINGS.items() if label != "openvino fp32"}
+    tuning.save_timings(path, key, without_openvino)
+    assert tuning.load_timings(path, key) == without_openvino
+    for bad in ({**TIMINGS, "trt fp16": TIMINGS["ort fp32"]}, {}, {"ort fp32": {1: 1e-5}}):  # unknown, none, a probe short
+        tuning.save_timings(path, key, bad)
+        assert tuning.load_timings(path, key) is None
+
+
 def test_measure_times_every_engine_at_every_probe():
     calls = {"a": lambda z: z.sum(), "b": lambda z: torch.mm(z, z.t())}
     timings = tuning.measure(calls, z_dim=2, probes=(1, 64), rounds=2, seconds=0.0)
@@ -117,6 +128,29 @@ def test_auto_backend_dispatches_by_batch_size_and_keeps_only_winners(monkeypatc
         assert "measured now" in auto.why
     with AutoBackend(engines, make, "ef" * 32, 2) as auto:  # the second open reads the cache
         assert "cached in" in auto.why and auto.engine_for(5000) == "openvino fp32"
+
+
+def test_an_engine_that_cannot_run_here_is_left_out_of_the_timing_with_its_reason(monkeypatch, caplog):
+    from vae_rt.errors import UserError
+
+    def make(backend, precision):
+        if backend == "openvino":
+            raise UserError("precision int8: openvino runs no layer of m.int8.onnx in int8 on this CPU")
+        return FakeEngine(f"{backend} {precision}")
+
+    monkeypatch.setattr(tuning, "measure", lambda calls, z_dim: {label: TIMINGS[label] for label in calls})
+    engines = [("ort", "fp32"), ("openvino", "fp32"), ("torch", "fp32")]
+    with caplog.at_level(logging.INFO, logger="vae_rt"), AutoBackend(engines, make, "fe" * 32, 2) as auto:
+        assert set(auto.timings) == {"ort fp32", "torch fp32"} and auto.engine_for(1000) == "torch fp32"
+    assert any("openvino fp32 cannot run here, left out (precision int8: openvino runs no layer" in r.message for r in caplog.records)
+    with AutoBackend(engines, make, "fe" * 32, 2) as auto:  # cached without it: not opened again
+        assert "cached in" in auto.why and auto.engine_for(1) == "ort fp32"
+
+    def refuse(backend, precision):
+        raise UserError(f"{backend} is not here")
+
+    with pytest.raises(UserError, match="^backend auto: no CPU engine can run this model here: ort fp32: ort is not here; "):
+        AutoBackend(engines, refuse, "fd" * 32, 2).open()
 
 
 def test_auto_on_the_cpu_decodes_like_torch_fp32_and_logs_its_choice_once(bundled, caplog):

@@ -72,13 +72,16 @@ def save_timings(path: Path, key: Mapping[str, Any], timings: Timings) -> None:
 
 
 def load_timings(path: Path, key: Mapping[str, Any]) -> Timings | None:
-    """The cached timings for `key`, or None (logged) when the file is missing, altered, incomplete, or from another machine or model."""
+    """The cached timings for `key`, or None (logged) when the file is missing, altered, incomplete, or from another machine or model.
+
+    An engine of the key may be missing: it could not run on this machine when the timings were taken.
+    """
     stored = load_record(path, key)
     try:
         timings = {engine: {int(b): float(s) for b, s in per_batch.items()} for engine, per_batch in stored.items()}
     except (AttributeError, ValueError, TypeError):
         return None  # None itself, or not a table of numbers
-    complete = sorted(timings) == sorted(key["engines"]) and all(
+    complete = bool(timings) and set(timings) <= set(key["engines"]) and all(
         sorted(per_batch) == sorted(key["probes"]) and all(math.isfinite(s) and s > 0 for s in per_batch.values())
         for per_batch in timings.values()
     )

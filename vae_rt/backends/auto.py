@@ -16,7 +16,7 @@ import torch
 
 from vae_rt import tuning
 from vae_rt.backends import BaseBackend, Latents, latent_rows
-from vae_rt.errors import notice
+from vae_rt.errors import UserError, notice
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,17 @@ class AutoBackend(BaseBackend):
         self.why = f"per batch size, the fastest of {', '.join(sorted(self.labels))} ({source}): {tuning.explain(timings)}"
 
     def _measure(self) -> tuning.Timings:
+        """Time every engine that opens; one that cannot run here (refused with a reason) is left out, and said so."""
         notice.info("backend auto: timing %s on this machine (once; cached)", ", ".join(sorted(self.labels)))
-        calls = {label: self._engine(label).decode for label in self.labels}
+        calls, refused = {}, []
+        for label in self.labels:
+            try:
+                calls[label] = self._engine(label).decode
+            except UserError as why:
+                refused.append(f"{label}: {why}")
+                notice.info("backend auto: %s cannot run here, left out (%s)", label, why)
+        if not calls:
+            raise UserError("backend auto: no CPU engine can run this model here: " + "; ".join(refused))
         return tuning.measure(calls, self.z_dim)
 
     def _engine(self, label: str) -> BaseBackend:
