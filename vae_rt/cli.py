@@ -367,8 +367,8 @@ def manifold(
 @handle_errors
 def compare(
     model: ModelOption = None,
-    backends: Annotated[str, typer.Option(help="Comma-separated backends to check.")] = "torch,ort,trt",
-    precisions: Annotated[str, typer.Option(help="Comma-separated precisions to check.")] = "fp32,fp16",
+    backends: Annotated[str, typer.Option(help="Comma-separated backends to check.")] = "torch,ort,openvino,trt",
+    precisions: Annotated[str, typer.Option(help="Comma-separated precisions to check.")] = "fp32,fp16,bf16,int8",
     device: DeviceOption = "auto",
     n: Annotated[int, typer.Option("-n", "--count", min=1, max=MAX_COMPARE_COUNT, help="Normal latents (tail points are added).")] = 1000,
     seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of the latents.")] = 0,
