@@ -120,3 +120,14 @@ def test_a_broken_quantization_fails_the_gate_and_keeps_the_good_file(int8_expor
 def test_torch_has_no_int8_decoder():
     with pytest.raises(UserError, match="int8 runs on --backend ort or openvino"):
         get_backend("torch", checkpoint=None, precision="int8", device="cpu")
+
+
+def test_openvino_refuses_int8_it_would_run_dequantized(int8_export, monkeypatch):
+    """Where OpenVINO's compiled model has no int8 layer, int8 would be a silent fp32 slowdown: refused, as unavailable here."""
+    pytest.importorskip("openvino")
+    import vae_rt.backends.openvino
+    from vae_rt.errors import EngineUnavailable
+
+    monkeypatch.setattr(vae_rt.backends.openvino, "int8_layers", lambda runtime_model: [])
+    with pytest.raises(EngineUnavailable, match="^precision int8: openvino runs no layer of vae_z2.int8.onnx in int8 on this CPU$"):
+        open_sampler(int8_export.path, "openvino", "int8", "cpu")

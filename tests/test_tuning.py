@@ -131,26 +131,37 @@ def test_auto_backend_dispatches_by_batch_size_and_keeps_only_winners(monkeypatc
 
 
 def test_an_engine_that_cannot_run_here_is_left_out_of_the_timing_with_its_reason(monkeypatch, caplog):
-    from vae_rt.errors import UserError
+    from vae_rt.errors import EngineUnavailable, UserError
 
     def make(backend, precision):
         if backend == "openvino":
-            raise UserError("precision int8: openvino runs no layer of m.int8.onnx in int8 on this CPU")
+            raise EngineUnavailable("precision int8: openvino runs no layer of m.int8.onnx in int8 on this CPU")
         return FakeEngine(f"{backend} {precision}")
 
     monkeypatch.setattr(tuning, "measure", lambda calls, z_dim: {label: TIMINGS[label] for label in calls})
     engines = [("ort", "fp32"), ("openvino", "fp32"), ("torch", "fp32")]
     with caplog.at_level(logging.INFO, logger="vae_rt"), AutoBackend(engines, make, "fe" * 32, 2) as auto:
         assert set(auto.timings) == {"ort fp32", "torch fp32"} and auto.engine_for(1000) == "torch fp32"
+        assert "the fastest of ort fp32, torch fp32 (" in auto.why and auto.why.endswith("left out, unable to run here: openvino fp32")
     assert any("openvino fp32 cannot run here, left out (precision int8: openvino runs no layer" in r.message for r in caplog.records)
-    with AutoBackend(engines, make, "fe" * 32, 2) as auto:  # cached without it: not opened again
-        assert "cached in" in auto.why and auto.engine_for(1) == "ort fp32"
+    with AutoBackend(engines, make, "fe" * 32, 2) as auto:  # cached without it: not opened again, still said
+        assert "cached in" in auto.why and auto.engine_for(1) == "ort fp32" and "left out" in auto.why
 
     def refuse(backend, precision):
-        raise UserError(f"{backend} is not here")
+        raise EngineUnavailable(f"{backend} is not here")
 
-    with pytest.raises(UserError, match="^backend auto: no CPU engine can run this model here: ort fp32: ort is not here; "):
+    with pytest.raises(EngineUnavailable, match="^backend auto: no CPU engine can run this model here: ort fp32: ort is not here; "):
         AutoBackend(engines, refuse, "fd" * 32, 2).open()
+
+    def setup_problem(backend, precision):  # e.g. a full cache folder: not a verdict on the machine, never cached
+        if backend == "ort":
+            raise UserError("cache folder C: cannot write P (No space left on device)")
+        return FakeEngine(f"{backend} {precision}")
+
+    with pytest.raises(UserError, match="No space left"):
+        AutoBackend(engines, setup_problem, "fc" * 32, 2).open()
+    key = tuning.tuning_key("fc" * 32, [tuning.engine_label(*e) for e in engines])
+    assert tuning.load_timings(tuning.cache_path(key), key) is None
 
 
 def test_auto_on_the_cpu_decodes_like_torch_fp32_and_logs_its_choice_once(bundled, caplog):

@@ -118,9 +118,10 @@ def bench_targets(
     """(backend, precision, device) triples worth timing here: every device the machine has, no pointless pairs.
 
     TensorRT runs only on CUDA and only fp16 (asked for on a machine without it, it is kept so that the
-    report says why it was skipped); OpenVINO only on the CPU, in fp32 and bf16. On the CPU, fp16 is timed on ONNX Runtime only (torch's CPU fp16
-    GEMMs are slower than fp32 there) and bf16 on torch only (oneDNN uses AMX / AVX-512 BF16 where the
-    CPU has them; vae-rt exports no bf16 ONNX). `include_cuda` lists the CUDA rows even without a GPU.
+    report says why it was skipped); OpenVINO only on the CPU, in fp32, bf16 and int8. On the CPU, fp16 is
+    timed on ONNX Runtime only (torch's CPU fp16 GEMMs are slower than fp32 there), bf16 on torch and
+    OpenVINO (vae-rt exports no bf16 ONNX), int8 on ONNX Runtime and OpenVINO. `include_cuda` lists the
+    CUDA rows even without a GPU.
     """
     has_cuda = include_cuda or torch.cuda.is_available()
     devices = ["cpu", "cuda"] if device == "auto" and has_cuda else ["cpu"] if device == "auto" else [device]
@@ -132,7 +133,7 @@ def bench_targets(
                     backend == "auto" and precision not in ("fp32", "auto")  # auto on the CPU: fp32, or the gated choice
                 )
                 auto_precision_elsewhere = precision == "auto" and backend != "auto"  # only backend auto chooses precisions
-                cpu_only_int8 = precision == "int8" and (backend == "torch" or dev != "cpu")  # int8 is ort on the CPU
+                cpu_only_int8 = precision == "int8" and (backend == "torch" or dev != "cpu")  # int8 is ort or openvino on the CPU
                 openvino_on_cuda = backend == "openvino" and dev == "cuda"
                 skip = backend == "trt" or auto_precision_elsewhere or cpu_only_int8 or openvino_on_cuda
                 if skip or (dev == "cpu" and pointless_on_cpu):

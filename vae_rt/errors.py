@@ -15,6 +15,11 @@ class UserError(Exception):
     """Bad usage or bad input (a missing file, a corrupt checkpoint, a bad option): exit code 2."""
 
 
+class EngineUnavailable(UserError):
+    """An engine that cannot run the model on this machine (no native bf16, no int8 kernels, a failed
+    compile): `auto` leaves it out with the reason, where any other UserError stops the run."""
+
+
 class MissingDependencyError(UserError, ImportError):
     """An optional package is not installed; the message says what to `pip install`."""
 

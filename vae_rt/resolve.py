@@ -13,8 +13,16 @@ from pathlib import Path
 import torch
 
 from vae_rt.artifacts import inspect_onnx, onnx_path_for
-from vae_rt.backends import BACKEND_CHOICES, DEVICES, PRECISIONS, BaseBackend, check_choice, get_backend, resolve_device
-from vae_rt.backends.openvino import ONNX_FOR_PRECISION
+from vae_rt.backends import (
+    BACKEND_CHOICES,
+    DEVICES,
+    OPENVINO_ONNX_FOR_PRECISION,
+    PRECISIONS,
+    BaseBackend,
+    check_choice,
+    get_backend,
+    resolve_device,
+)
 from vae_rt.cache import cache_error, cache_folder, describe, onnx_entry_problem
 from vae_rt.capabilities import CUDA_EP, available_providers, engine_skip_reason, native_bf16
 from vae_rt.checkpoint import BUNDLED_CHECKPOINT, read_checkpoint
@@ -175,7 +183,7 @@ def create_backend(
     if backend == "openvino":
         if kind == "plan":
             raise UserError(f"backend openvino needs a checkpoint or an ONNX file, got the TensorRT plan {path}")
-        onnx_path = path if kind == "onnx" else cached_onnx(path, ONNX_FOR_PRECISION.get(precision or "fp32", "fp32"))
+        onnx_path = path if kind == "onnx" else cached_onnx(path, OPENVINO_ONNX_FOR_PRECISION.get(precision or "fp32", "fp32"))
         return get_backend("openvino", onnx_path=onnx_path, precision=precision, device=device)
     reason = engine_skip_reason()
     if reason:

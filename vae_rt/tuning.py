@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from vae_rt import __version__
-from vae_rt.backends.openvino import ONNX_FOR_PRECISION
+from vae_rt.backends import OPENVINO_ONNX_FOR_PRECISION
 from vae_rt.cache import load_record, record_path, save_record
 from vae_rt.machine import cpu_isa, cpu_model
 from vae_rt.timing import SETTLE_SECONDS, time_calls
@@ -174,7 +174,7 @@ def candidate_engines(precisions: list[str], kind: str, stored: str, installed: 
             runs = {
                 "torch": kind == "checkpoint",
                 "ort": kind == "checkpoint" or precision == stored,
-                "openvino": (kind == "checkpoint" or ONNX_FOR_PRECISION.get(precision) == stored) and (precision != "bf16" or bf16_native),
+                "openvino": (kind == "checkpoint" or OPENVINO_ONNX_FOR_PRECISION.get(precision) == stored) and (precision != "bf16" or bf16_native),
             }[backend]
             if runs and backend in installed:
                 engines.append((backend, precision))

@@ -22,6 +22,7 @@ BACKENDS = {"torch": "pt", "ort": "ort", "trt": "trt", "openvino": "openvino"}  
 BACKEND_CHOICES = ("auto", *BACKENDS)
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 DEVICES = ("auto", "cpu", "cuda")
+OPENVINO_ONNX_FOR_PRECISION = {"fp32": "fp32", "bf16": "fp32", "int8": "int8"}  # openvino's precision -> the file it runs
 SMALL_CHECK = 64  # values up to which a Python loop checks finiteness quicker than numpy (docs/benchmarks.md)
 Latents = np.ndarray | torch.Tensor  # latents at the engine: numpy in host memory, a tensor on a GPU
 
@@ -111,7 +112,7 @@ class engine_failures:
 
     __slots__ = ("describe",)
 
-    def __init__(self, describe: Callable[[], str]):
+    def __init__(self, describe: Callable[[], str]) -> None:
         self.describe = describe
 
     def __enter__(self) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from vae_rt import tuning
 from vae_rt.backends import BaseBackend, Latents, latent_rows
-from vae_rt.errors import UserError, notice
+from vae_rt.errors import EngineUnavailable, notice
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +62,23 @@ class AutoBackend(BaseBackend):
                 self._open_engines.pop(label).close()
         for label in winners:  # opened now, so that no decode pays for it
             self._engine(label)
-        self.why = f"per batch size, the fastest of {', '.join(sorted(self.labels))} ({source}): {tuning.explain(timings)}"
+        left_out = sorted(set(self.labels) - set(timings))
+        unavailable = f"; left out, unable to run here: {', '.join(left_out)}" if left_out else ""
+        self.why = f"per batch size, the fastest of {', '.join(sorted(timings))} ({source}): {tuning.explain(timings)}{unavailable}"
 
     def _measure(self) -> tuning.Timings:
-        """Time every engine that opens; one that cannot run here (refused with a reason) is left out, and said so."""
+        """Time every engine that opens. One this machine cannot run (EngineUnavailable) is left out, and said
+        so; any other error (a full cache, MNIST missing) stops the run rather than be cached as a verdict."""
         notice.info("backend auto: timing %s on this machine (once; cached)", ", ".join(sorted(self.labels)))
         calls, refused = {}, []
         for label in self.labels:
             try:
                 calls[label] = self._engine(label).decode
-            except UserError as why:
+            except EngineUnavailable as why:
                 refused.append(f"{label}: {why}")
                 notice.info("backend auto: %s cannot run here, left out (%s)", label, why)
         if not calls:
-            raise UserError("backend auto: no CPU engine can run this model here: " + "; ".join(refused))
+            raise EngineUnavailable("backend auto: no CPU engine can run this model here: " + "; ".join(refused))
         return tuning.measure(calls, self.z_dim)
 
     def _engine(self, label: str) -> BaseBackend:

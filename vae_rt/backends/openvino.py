@@ -17,12 +17,17 @@ import numpy as np
 import torch
 
 from vae_rt.artifacts import inspect_onnx
-from vae_rt.backends import BaseBackend, Latents, check_output_shape, engine_failures, to_device
+from vae_rt.backends import (
+    OPENVINO_ONNX_FOR_PRECISION,
+    BaseBackend,
+    Latents,
+    check_output_shape,
+    engine_failures,
+    to_device,
+)
 from vae_rt.capabilities import native_bf16, openvino_core
-from vae_rt.errors import UserError, require
+from vae_rt.errors import EngineUnavailable, UserError, require
 from vae_rt.model import IMAGE_SHAPE
-
-ONNX_FOR_PRECISION = {"fp32": "fp32", "bf16": "fp32", "int8": "int8"}  # precision -> the exported file it runs
 
 
 class OpenVinoBackend(BaseBackend):
@@ -37,15 +42,15 @@ class OpenVinoBackend(BaseBackend):
     def __init__(self, onnx_path: Path, precision: str | None = None, device: str = "cpu", threads: int | None = None):
         if device not in ("auto", "cpu"):
             raise UserError(f"backend openvino runs on the CPU only, not on {device}")
-        if precision is not None and precision not in ONNX_FOR_PRECISION:
-            raise UserError(f"backend openvino serves {', '.join(ONNX_FOR_PRECISION)}, not {precision}")
+        if precision is not None and precision not in OPENVINO_ONNX_FOR_PRECISION:
+            raise UserError(f"backend openvino serves {', '.join(OPENVINO_ONNX_FOR_PRECISION)}, not {precision}")
         self.onnx_path = Path(onnx_path)
         z_dim, self.x_dim, stored = inspect_onnx(self.onnx_path)
         precision = precision or stored
-        if precision not in ONNX_FOR_PRECISION:
+        if precision not in OPENVINO_ONNX_FOR_PRECISION:
             raise UserError(f"backend openvino reads an fp32 or int8 ONNX; {self.onnx_path} is {stored}")
-        if ONNX_FOR_PRECISION[precision] != stored:
-            raise UserError(f"backend openvino runs {precision} from the {ONNX_FOR_PRECISION[precision]} ONNX; {self.onnx_path} is {stored}")
+        if OPENVINO_ONNX_FOR_PRECISION[precision] != stored:
+            raise UserError(f"backend openvino runs {precision} from the {OPENVINO_ONNX_FOR_PRECISION[precision]} ONNX; {self.onnx_path} is {stored}")
         super().__init__(precision, "cpu")
         self.z_dim = z_dim
         self.threads = threads or torch.get_num_threads()  # the same cores torch and ort use: a fair comparison
@@ -58,7 +63,7 @@ class OpenVinoBackend(BaseBackend):
 
         core = openvino_core()
         if self.precision == "bf16" and not native_bf16():
-            raise UserError("precision bf16: this CPU has no native bf16 (OpenVINO reports no BF16 capability)")
+            raise EngineUnavailable("precision bf16: this CPU has no native bf16 (OpenVINO reports no BF16 capability)")
         wanted = ov.Type.bf16 if self.precision == "bf16" else ov.Type.f32  # int8: what is not quantized runs in fp32
         config = {
             hints.inference_precision: wanted,
@@ -68,12 +73,12 @@ class OpenVinoBackend(BaseBackend):
         try:
             compiled = core.compile_model(str(self.onnx_path), "CPU", config)
         except RuntimeError as err:
-            raise UserError(f"{self.onnx_path}: openvino cannot compile it: {str(err).splitlines()[0]}") from err
+            raise EngineUnavailable(f"{self.onnx_path}: openvino cannot compile it: {str(err).splitlines()[0]}") from err
         actual = compiled.get_property(hints.inference_precision)
         if actual != wanted:
-            raise UserError(f"precision {self.precision}: openvino compiled the model in {actual}, not {wanted}")
+            raise EngineUnavailable(f"precision {self.precision}: openvino compiled the model in {actual}, not {wanted}")
         if self.precision == "int8" and not int8_layers(compiled.get_runtime_model()):
-            raise UserError(f"precision int8: openvino runs no layer of {self.onnx_path.name} in int8 on this CPU")
+            raise EngineUnavailable(f"precision int8: openvino runs no layer of {self.onnx_path.name} in int8 on this CPU")
         self._request = compiled.create_infer_request()
 
     def _close(self) -> None:
