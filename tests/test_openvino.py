@@ -89,3 +89,13 @@ def test_a_signal_after_openvino_models_come_and_go_is_handled_not_a_crash():
     It can fail only where the plugin moves the stack: seen on an AVX-512 bf16 CPU; elsewhere it passes either way."""
     result = subprocess.run([sys.executable, "-c", SIGNAL_AFTER_TWO_MODELS], capture_output=True, text=True, timeout=120, check=False)
     assert (result.returncode, result.stdout.strip()) == (0, "handled"), result.stderr[-2000:]
+
+
+def test_what_it_never_serves_is_refused_before_anything_is_exported(bundled, tmp_path, monkeypatch):
+    """An int8 export calibrates and gates on MNIST: seconds of work a refusal must not cost first."""
+    monkeypatch.setenv("VAE_RT_CACHE_DIR", str(tmp_path))
+    with pytest.raises(UserError, match="serves fp32, bf16, int8, not fp16"):
+        open_sampler(bundled, "openvino", "fp16", "cpu")
+    with pytest.raises(UserError, match="runs on the CPU only|torch sees no CUDA GPU"):
+        open_sampler(bundled, "openvino", "int8", "cuda")
+    assert not (tmp_path / "onnx").exists()

@@ -183,6 +183,9 @@ def create_backend(
     if backend == "openvino":
         if kind == "plan":
             raise UserError(f"backend openvino needs a checkpoint or an ONNX file, got the TensorRT plan {path}")
+        from vae_rt.backends.openvino import check_request
+
+        check_request(precision, device)  # before a slow export for a request it would refuse
         onnx_path = path if kind == "onnx" else cached_onnx(path, OPENVINO_ONNX_FOR_PRECISION.get(precision or "fp32", "fp32"))
         return get_backend("openvino", onnx_path=onnx_path, precision=precision, device=device)
     reason = engine_skip_reason()

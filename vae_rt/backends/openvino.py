@@ -40,10 +40,7 @@ class OpenVinoBackend(BaseBackend):
     name = "openvino"
 
     def __init__(self, onnx_path: Path, precision: str | None = None, device: str = "cpu", threads: int | None = None):
-        if device not in ("auto", "cpu"):
-            raise UserError(f"backend openvino runs on the CPU only, not on {device}")
-        if precision is not None and precision not in OPENVINO_ONNX_FOR_PRECISION:
-            raise UserError(f"backend openvino serves {', '.join(OPENVINO_ONNX_FOR_PRECISION)}, not {precision}")
+        check_request(precision, device)
         self.onnx_path = Path(onnx_path)
         z_dim, self.x_dim, stored = inspect_onnx(self.onnx_path)
         precision = precision or stored
@@ -95,6 +92,14 @@ class OpenVinoBackend(BaseBackend):
         images = out if out is not None else torch.empty((rows, *IMAGE_SHAPE), dtype=torch.float32)
         np.copyto(images.view(rows, self.x_dim).numpy(), result)
         return images
+
+
+def check_request(precision: str | None, device: str) -> None:
+    """Refuse a device or precision OpenVINO never serves: called before any file is exported for it."""
+    if device not in ("auto", "cpu"):
+        raise UserError(f"backend openvino runs on the CPU only, not on {device}")
+    if precision is not None and precision not in OPENVINO_ONNX_FOR_PRECISION:
+        raise UserError(f"backend openvino serves {', '.join(OPENVINO_ONNX_FOR_PRECISION)}, not {precision}")
 
 
 def int8_layers(runtime_model: Any) -> list[str]:
