@@ -186,7 +186,7 @@ def create_backend(
         from vae_rt.backends.openvino import check_request
 
         check_request(precision, device)  # before a slow export for a request it would refuse
-        onnx_path = path if kind == "onnx" else cached_onnx(path, OPENVINO_ONNX_FOR_PRECISION.get(precision or "fp32", "fp32"))
+        onnx_path = path if kind == "onnx" else cached_onnx(path, OPENVINO_ONNX_FOR_PRECISION[precision or "fp32"])
         return get_backend("openvino", onnx_path=onnx_path, precision=precision, device=device)
     reason = engine_skip_reason()
     if reason:
