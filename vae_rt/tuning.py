@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 PROBE_BATCHES = (1, 32, 1024)  # latency-bound to GEMM-bound (the CPU batch); other sizes take the nearest probe's winner
 ROUNDS = 3  # interleaved: a drift on a shared machine hits every engine alike
 ROUND_SECONDS = 0.02  # per engine, probe and round (at least 2 calls): the whole run takes a few seconds
-TUNING_REVISION = 3  # raised when how an engine is timed changes (2: NaN check off torch's pool; 3: settle), so caches re-tune
+TUNING_REVISION = 4  # raised when how an engine is timed or decodes changes (2: NaN check off torch's pool; 3: settle; 4: scan skipped within the overflow-free radius, openvino's numpy copy), so caches re-tune
 Timings = dict[str, dict[int, float]]  # engine label ('ort fp32') -> probe batch -> median seconds per call
 
 

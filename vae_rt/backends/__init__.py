@@ -17,6 +17,7 @@ import torch
 
 from vae_rt.errors import RuntimeFailure, UserError
 from vae_rt.model import IMAGE_SHAPE
+from vae_rt.overflow import UNCERTIFIED
 
 BACKENDS = {"torch": "pt", "ort": "ort", "trt": "trt", "openvino": "openvino"}  # public name -> module in this package
 BACKEND_CHOICES = ("auto", *BACKENDS)
@@ -40,6 +41,9 @@ class BaseBackend:
         self.device = resolve_device(device)
         self.z_dim = 0  # known once open() has read the model
         self.is_open = False
+        # Latents with every |z_i| within it cannot overflow (vae_rt.overflow): their images are not scanned.
+        # Set by `_open` of a backend that runs on the host from weights it can read.
+        self.finite_radius = UNCERTIFIED
 
     def describe(self) -> str:
         """What really runs, e.g. 'ort fp32 on CPUExecutionProvider'."""
@@ -76,15 +80,20 @@ class BaseBackend:
         Raises:
             UserError: wrong shape, dtype or non-finite latents; an `out` of the wrong shape, dtype or
                 device, or not contiguous. RuntimeError: not opened.
-            RuntimeFailure: output with NaN/Inf, or of another shape than the model declares.
+            RuntimeFailure: output with NaN/Inf (scanned for unless the latents lie within `finite_radius`),
+                or of another shape than the model declares.
         """
         if not self.is_open:
             raise RuntimeError(f"{self.name} backend: decode() called before open()")
-        latents = check_latents(z, self.z_dim) if check_inputs else engine_latents(z)
+        if check_inputs:
+            latents, extent = check_latents(z, self.z_dim)
+        else:  # read only where a radius could certify them: reading latents on a GPU waits for it
+            latents = engine_latents(z)
+            extent = latent_extent(latents) if self.finite_radius > UNCERTIFIED else math.inf
         if out is not None:  # always: an engine writes through its raw pointer
             check_out(out, latents.shape[0], self.device)
         images = self._decode(latents, out)
-        if not all_finite(images):  # any precision: overflowing weights give NaN images in fp32 too
+        if not extent <= self.finite_radius and not all_finite(images):  # a NaN extent is never within
             raise RuntimeFailure(f"{self.describe()}: output has NaN/Inf (the model's weights or precision overflow)")
         return images
 
@@ -103,24 +112,11 @@ class BaseBackend:
         raise NotImplementedError
 
 
-class engine_failures:
-    """An engine's own error during a run (a graph that computes another shape than it declares, say) as
-    one line. `describe` (a backend's) is called only then: each decode would otherwise build the text.
-
-    A class: entered on every decode, a @contextmanager generator cost more (docs/benchmarks.md).
-    """
-
-    __slots__ = ("describe",)
-
-    def __init__(self, describe: Callable[[], str]) -> None:
-        self.describe = describe
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, traceback: object) -> None:
-        if isinstance(err, Exception):  # ONNX Runtime and OpenVINO raise their own exception types
-            raise RuntimeFailure(f"{self.describe()} failed: {' '.join(str(err).split())[:400]}") from err
+def engine_failure(describe: str, err: Exception) -> RuntimeFailure:
+    """An engine's own error during a run (a graph that computes another shape than it declares, say;
+    ONNX Runtime and OpenVINO raise their own types) as one line. Raised from a plain try/except
+    around each engine call: no cost unless it fails (docs/benchmarks.md)."""
+    return RuntimeFailure(f"{describe} failed: {' '.join(str(err).split())[:400]}")
 
 
 def check_output_shape(describe: Callable[[], str], rows: int, x_dim: int, shape: tuple[int, ...]) -> None:
@@ -147,6 +143,17 @@ def all_finite(values: torch.Tensor | np.ndarray) -> bool:
     return bool(np.isfinite(values).all())
 
 
+def latent_extent(z: Latents) -> float:
+    """An upper bound of the largest |z_i|, NaN or inf if one is: the sum of |z_i| for a few values (a
+    loop is quicker than numpy's call), the largest for more. One pass for the finiteness check and the
+    overflow-free radius, as each pass costs twice as much right after an engine call (docs/benchmarks.md)."""
+    if isinstance(z, torch.Tensor):  # on a GPU
+        return float(z.abs().max())
+    if z.size <= SMALL_CHECK:
+        return sum(map(abs, z.ravel().tolist()))
+    return float(np.abs(z).max())
+
+
 def engine_latents(z: torch.Tensor | np.ndarray) -> Latents:
     """Latents as engines take them: host memory as a numpy array (a tensor's memory, not a copy), GPU ones as the tensor."""
     if isinstance(z, torch.Tensor):
@@ -156,8 +163,9 @@ def engine_latents(z: torch.Tensor | np.ndarray) -> Latents:
     return z
 
 
-def check_latents(z: Any, z_dim: int) -> Latents:
-    """The latents as engines take them, checked: float32 `[B, z_dim]`, finite; else a one-line UserError."""
+def check_latents(z: Any, z_dim: int) -> tuple[Latents, float]:
+    """The latents as engines take them, checked (float32 `[B, z_dim]`, finite; else a one-line UserError),
+    and their `latent_extent`."""
     if not isinstance(z, (torch.Tensor, np.ndarray)):
         raise UserError(f"latents must be a torch tensor or numpy array, got {type(z).__name__}")
     if z.dtype not in (torch.float32, np.float32):  # before anything converts them
@@ -167,9 +175,10 @@ def check_latents(z: Any, z_dim: int) -> Latents:
     z = engine_latents(z)
     if z.ndim != 2 or z.shape[1] != z_dim or z.shape[0] == 0:
         raise UserError(f"latents must have shape [B, {z_dim}] with B >= 1, got {list(z.shape)}")
-    if not all_finite(z):
+    extent = latent_extent(z)
+    if not math.isfinite(extent):
         raise UserError("latents contain NaN or Inf")
-    return z
+    return z, extent
 
 
 def check_out(out: Any, rows: int, device: str) -> None:

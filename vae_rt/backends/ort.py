@@ -13,10 +13,11 @@ import numpy as np
 import torch
 
 from vae_rt.artifacts import inspect_onnx
-from vae_rt.backends import BaseBackend, Latents, check_output_shape, engine_failures, to_device
+from vae_rt.backends import BaseBackend, Latents, check_output_shape, engine_failure, to_device
 from vae_rt.capabilities import CPU_EP, CUDA_EP, available_providers
 from vae_rt.errors import UserError, require
 from vae_rt.model import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
+from vae_rt.overflow import onnx_radius
 
 
 class OrtBackend(BaseBackend):
@@ -65,6 +66,8 @@ class OrtBackend(BaseBackend):
         self.provider = self._session.get_providers()[0]
         if self.device == "cuda" and self.provider != CUDA_EP:
             raise UserError(f"--device cuda: onnxruntime runs this model on {self.provider}, not on the GPU")
+        if self.device == "cpu":
+            self.finite_radius = onnx_radius(self.onnx_path, self.precision)
 
     def _close(self) -> None:
         self._session = None
@@ -72,8 +75,10 @@ class OrtBackend(BaseBackend):
     def _decode(self, z: Latents, out: torch.Tensor | None) -> torch.Tensor:
         if self.device == "cpu" and out is None:
             host_z = z if isinstance(z, np.ndarray) else z.cpu().numpy()
-            with engine_failures(self.describe):
+            try:
                 (images,) = self._session.run([OUTPUT_NAME], {INPUT_NAME: host_z})
+            except Exception as err:
+                raise engine_failure(self.describe(), err) from err
             check_output_shape(self.describe, len(host_z), self.x_dim, images.shape)
             return torch.from_numpy(images.reshape(len(images), *IMAGE_SHAPE))
         return self._decode_bound(z, out)
@@ -88,8 +93,10 @@ class OrtBackend(BaseBackend):
         binding.bind_output(OUTPUT_NAME, self.device, index, np.float32, (len(z), self.x_dim), images.data_ptr())
         if self.device == "cuda":
             torch.cuda.current_stream().synchronize()  # z must be in place before ORT's own stream reads it
-        with engine_failures(self.describe):
+        try:
             self._session.run_with_iobinding(binding)
+        except Exception as err:
+            raise engine_failure(self.describe(), err) from err
         binding.synchronize_outputs()  # images are complete before torch reads them
         return images
 

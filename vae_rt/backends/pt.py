@@ -11,6 +11,7 @@ from vae_rt.backends.graphs import GraphCache, capture_graph
 from vae_rt.checkpoint import load_checkpoint
 from vae_rt.errors import UserError
 from vae_rt.model import IMAGE_SHAPE, Decoder
+from vae_rt.overflow import decoder_radius
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -36,7 +37,10 @@ class TorchBackend(BaseBackend):
     def _open(self) -> None:
         model, _ = load_checkpoint(self.checkpoint)
         self.z_dim = model.config.z_dim
-        self._decoder = model.decoder().in_precision(DTYPES[self.precision]).to(self.device).eval()
+        decoder = model.decoder()
+        if self.device == "cpu":
+            self.finite_radius = decoder_radius(decoder, self.precision)  # from the float32 weights, before the cast
+        self._decoder = decoder.in_precision(DTYPES[self.precision]).to(self.device).eval()
 
     def _close(self) -> None:
         self._decoder = None

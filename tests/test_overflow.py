@@ -1,0 +1,129 @@
+"""The overflow-free radius: sound on real weights, refused where it cannot hold, and the image scan it replaces."""
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper, numpy_helper
+
+from vae_rt import backends, open_sampler
+from vae_rt.backends import latent_extent
+from vae_rt.checkpoint import load_checkpoint
+from vae_rt.errors import RuntimeFailure
+from vae_rt.overflow import SAFE_MAGNITUDE, UNCERTIFIED, decoder_radius, onnx_layers, onnx_radius, safe_radius
+from vae_rt.resolve import cached_onnx
+
+
+def _layer(weight, bias):
+    return np.array(weight, np.float32), np.array(bias, np.float32)
+
+
+def test_one_layer_radius_is_the_exact_closed_form():
+    # |h| <= (2 + 3) r + 1 is the bound; it meets SAFE_MAGNITUDE at r = (1e30 - 1) / 5.
+    assert safe_radius([_layer([[2, -3]], [1])]) == pytest.approx((SAFE_MAGNITUDE - 1) / 5)
+
+
+def test_later_layers_shrink_the_radius():
+    first = _layer([[1, 1], [1, -1]], [0, 0])  # input bound r -> 2r per unit
+    assert safe_radius([first, _layer([[4, 4]], [0])]) == pytest.approx(SAFE_MAGNITUDE / 16)
+
+
+@pytest.mark.parametrize("bias, weight", [(2e30, 1.0), (0.0, np.nan), (0.0, np.inf), (np.nan, 1.0)],
+                         ids=["bias-beyond", "nan-weight", "inf-weight", "nan-bias"])
+def test_no_radius_where_even_zero_latents_are_not_safe(bias, weight):
+    assert safe_radius([_layer([[weight, 1.0]], [bias])]) == UNCERTIFIED
+
+
+def test_the_bound_holds_on_the_bundled_decoder_at_its_radius():
+    """Latents at +-radius, every sign pattern: each layer's pre-activation, computed in float64, is within the bound."""
+    decoder = load_checkpoint(None)[0].decoder().double()
+    radius = decoder_radius(load_checkpoint(None)[0].decoder(), "fp32")
+    assert 1e3 < radius < math.inf  # a latent space of N(0, 1) draws lies far inside it
+    corners = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]], dtype=torch.float64) * radius
+    with torch.no_grad():
+        peaks = [h.abs().max().item() for h in decoder.pre_activations(corners)]
+    assert max(peaks) <= SAFE_MAGNITUDE * (1 + 1e-9)
+    assert max(peaks) > SAFE_MAGNITUDE / 1e3  # and not a vacuous bound: the corners come within 1000x of it
+
+
+def test_reduced_precisions_without_fp32_range_are_never_certified(random_checkpoint):
+    decoder = load_checkpoint(random_checkpoint)[0].decoder()
+    assert decoder_radius(decoder, "bf16") == decoder_radius(decoder, "fp32") > 0
+    assert decoder_radius(decoder, "fp16") == UNCERTIFIED
+    assert onnx_radius(cached_onnx(random_checkpoint, "fp32"), "int8") == UNCERTIFIED
+
+
+def test_the_exported_onnx_gives_the_radius_of_its_checkpoint(random_checkpoint):
+    decoder = load_checkpoint(random_checkpoint)[0].decoder()
+    assert onnx_radius(cached_onnx(random_checkpoint, "fp32"), "fp32") == pytest.approx(decoder_radius(decoder, "fp32"), rel=1e-12)
+
+
+def _gemm_graph(nodes, initializers):
+    return helper.make_graph(nodes, "g", [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["b", 2])],
+                             [helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["b", 1])],
+                             [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in initializers.items()])
+
+
+def test_a_gemm_reads_its_transpose_and_scales():
+    weights = {"W": [[2.0], [-3.0]], "b": [1.0]}  # [in, out]: no transB
+    graph = _gemm_graph([helper.make_node("Gemm", ["z", "W", "b"], ["h"], alpha=2.0, beta=0.5),
+                         helper.make_node("Sigmoid", ["h"], ["image"])], weights)
+    ((weight, bias),) = onnx_layers(graph)
+    assert weight.tolist() == [[4.0, -6.0]] and bias.tolist() == [0.5]
+
+
+@pytest.mark.parametrize("nodes", [
+    [helper.make_node("Gemm", ["z", "W", "b"], ["h"], transB=1), helper.make_node("Tanh", ["h"], ["image"])],
+    [helper.make_node("Gemm", ["z", "W", "b"], ["h"], transB=1)],
+    [helper.make_node("Gemm", ["z", "z", "b"], ["h"], transB=1), helper.make_node("Sigmoid", ["h"], ["image"])],
+    [helper.make_node("Gemm", ["z", "W", "b"], ["h"], transB=1), helper.make_node("Sigmoid", ["z"], ["image"])],
+    [helper.make_node("Gemm", ["z", "W", "b"], ["h"], transA=1, transB=1), helper.make_node("Sigmoid", ["h"], ["image"])],
+], ids=["tanh-output", "no-sigmoid", "weight-not-constant", "not-a-chain", "transA"])
+def test_any_other_graph_is_not_certified(nodes):
+    assert onnx_layers(_gemm_graph(nodes, {"W": [[1.0, 1.0]], "b": [0.0]})) is None
+
+
+def test_latent_extent_bounds_the_largest_magnitude_and_keeps_nan():
+    small, large = np.array([[3.0, -4.0]], np.float32), np.full((100, 2), -5.0, np.float32)
+    assert latent_extent(small) >= 4.0 and latent_extent(large) == 5.0
+    for z in (small, large):
+        z[0, 1] = np.nan
+        assert math.isnan(latent_extent(z))
+
+
+def _nan_images(z, out):
+    return torch.full((len(z), 1, 28, 28), float("nan"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "ort", "openvino"])
+def test_latents_within_the_radius_skip_the_image_scan_and_others_are_scanned(random_checkpoint, backend, monkeypatch):
+    pytest.importorskip({"torch": "torch", "ort": "onnxruntime", "openvino": "openvino"}[backend])
+    scanned = []
+    real_scan = backends.all_finite
+    monkeypatch.setattr(backends, "all_finite", lambda values: scanned.append(values.shape) or real_scan(values))
+    with open_sampler(random_checkpoint, backend, "fp32", "cpu") as sampler:
+        assert sampler.backend.finite_radius > 1e3
+        sampler.decode(torch.ones(3, 2), check_inputs=False)
+        assert scanned == []
+        sampler.backend.finite_radius = 0.5  # as for a model whose radius is small
+        monkeypatch.setattr(sampler.backend, "_decode", _nan_images)
+        with pytest.raises(RuntimeFailure, match="output has NaN/Inf"):
+            sampler.decode(torch.ones(3, 2), check_inputs=False)
+        assert scanned == [(3, 1, 28, 28)]
+
+
+def test_unchecked_nan_latents_are_never_within_the_radius(random_checkpoint, monkeypatch):
+    with open_sampler(random_checkpoint, "ort", "fp32", "cpu") as sampler:
+        monkeypatch.setattr(sampler.backend, "_decode", _nan_images)
+        with pytest.raises(RuntimeFailure, match="output has NaN/Inf"):
+            sampler.decode(torch.tensor([[float("nan"), 0.0]]), check_inputs=False)
+
+
+def test_fp16_images_are_always_scanned(random_checkpoint, monkeypatch):
+    with open_sampler(random_checkpoint, "ort", "fp16", "cpu") as sampler:
+        assert sampler.backend.finite_radius == UNCERTIFIED
+        monkeypatch.setattr(sampler.backend, "_decode", _nan_images)
+        with pytest.raises(RuntimeFailure, match="output has NaN/Inf"):
+            sampler.decode(torch.zeros(2, 2))
