@@ -12,28 +12,41 @@ from vae_rt import backends, open_sampler
 from vae_rt.backends import latent_extent
 from vae_rt.checkpoint import load_checkpoint
 from vae_rt.errors import RuntimeFailure
-from vae_rt.overflow import SAFE_MAGNITUDE, UNCERTIFIED, decoder_radius, onnx_layers, onnx_radius, safe_radius
+from vae_rt.overflow import (
+    SAFE_MAGNITUDE,
+    UNCERTIFIED,
+    decoder_radius,
+    graph_bounds,
+    latents_bound,
+    onnx_radius,
+    safe_radius,
+)
 from vae_rt.resolve import cached_onnx
 
 
-def _layer(weight, bias):
-    return np.array(weight, np.float32), np.array(bias, np.float32)
+def _layers(*layers):
+    """The bounds after each of `layers` ((weight [out, in], bias) pairs), from 2-D latents."""
+    bound, bounds = latents_bound(2), []
+    for weight, bias in layers:
+        bound = bound.through(np.array(weight, np.float64), np.array(bias, np.float64))
+        bounds.append(bound)
+    return bounds
 
 
 def test_one_layer_radius_is_the_exact_closed_form():
     # |h| <= (2 + 3) r + 1 is the bound; it meets SAFE_MAGNITUDE at r = (1e30 - 1) / 5.
-    assert safe_radius([_layer([[2, -3]], [1])]) == pytest.approx((SAFE_MAGNITUDE - 1) / 5)
+    assert safe_radius(_layers(([[2, -3]], [1]))) == pytest.approx((SAFE_MAGNITUDE - 1) / 5)
 
 
 def test_later_layers_shrink_the_radius():
-    first = _layer([[1, 1], [1, -1]], [0, 0])  # input bound r -> 2r per unit
-    assert safe_radius([first, _layer([[4, 4]], [0])]) == pytest.approx(SAFE_MAGNITUDE / 16)
+    first = ([[1, 1], [1, -1]], [0, 0])  # input bound r -> 2r per unit
+    assert safe_radius(_layers(first, ([[4, 4]], [0]))) == pytest.approx(SAFE_MAGNITUDE / 16)
 
 
 @pytest.mark.parametrize("bias, weight", [(2e30, 1.0), (0.0, np.nan), (0.0, np.inf), (np.nan, 1.0)],
                          ids=["bias-beyond", "nan-weight", "inf-weight", "nan-bias"])
 def test_no_radius_where_even_zero_latents_are_not_safe(bias, weight):
-    assert safe_radius([_layer([[weight, 1.0]], [bias])]) == UNCERTIFIED
+    assert safe_radius(_layers(([[weight, 1.0]], [bias]))) == UNCERTIFIED
 
 
 def test_the_bound_holds_on_the_bundled_decoder_at_its_radius():
@@ -48,11 +61,23 @@ def test_the_bound_holds_on_the_bundled_decoder_at_its_radius():
     assert max(peaks) > SAFE_MAGNITUDE / 1e3  # and not a vacuous bound: the corners come within 1000x of it
 
 
-def test_reduced_precisions_without_fp32_range_are_never_certified(random_checkpoint):
+def test_fp16_without_fp32_range_is_never_certified(random_checkpoint):
     decoder = load_checkpoint(random_checkpoint)[0].decoder()
     assert decoder_radius(decoder, "bf16") == decoder_radius(decoder, "fp32") > 0
     assert decoder_radius(decoder, "fp16") == UNCERTIFIED
-    assert onnx_radius(cached_onnx(random_checkpoint, "fp32"), "int8") == UNCERTIFIED
+    assert onnx_radius(cached_onnx(random_checkpoint, "fp32"), "fp16") == UNCERTIFIED
+
+
+@pytest.mark.parametrize("backend, precision", [("ort", "fp32"), ("ort", "int8"), ("openvino", "fp32"), ("openvino", "int8"), ("torch", "fp32")])
+def test_engines_decode_finite_images_at_the_edge_of_the_radius(bundled, backend, precision):
+    """The int8 file (quantize/dequantize pairs, a sigmoid as Neg, Exp, Add, Reciprocal) is certified
+    too, and what each engine really computes at +-radius, every sign pattern, stays finite."""
+    pytest.importorskip({"torch": "torch", "ort": "onnxruntime", "openvino": "openvino"}[backend])
+    with open_sampler(bundled, backend, precision, "cpu") as sampler:
+        radius = sampler.backend.finite_radius
+        assert 1e3 < radius < math.inf
+        corners = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]]) * radius * (1 - 1e-6)
+        assert torch.isfinite(sampler.backend._decode(corners.numpy(), None)).all()
 
 
 def test_the_exported_onnx_gives_the_radius_of_its_checkpoint(random_checkpoint):
@@ -70,19 +95,33 @@ def test_a_gemm_reads_its_transpose_and_scales():
     weights = {"W": [[2.0], [-3.0]], "b": [1.0]}  # [in, out]: no transB
     graph = _gemm_graph([helper.make_node("Gemm", ["z", "W", "b"], ["h"], alpha=2.0, beta=0.5),
                          helper.make_node("Sigmoid", ["h"], ["image"])], weights)
-    ((weight, bias),) = onnx_layers(graph)
-    assert weight.tolist() == [[4.0, -6.0]] and bias.tolist() == [0.5]
+    logits, image = graph_bounds(graph)
+    assert logits.slope.tolist() == [10.0] and logits.offset.tolist() == [0.5]  # |4 z0 - 6 z1 + 0.5|
+    assert image.slope.tolist() == [0.0] and image.offset.tolist() == [1.0]
+
+
+def test_quantize_dequantize_adds_half_a_step_and_any_zero_point_shift():
+    weights = {"W": [[1.0, 1.0]], "b": [0.0], "s": 0.5, "zp": 3.0, "s2": 2.0, "zp2": 1.0}
+    graph = _gemm_graph([helper.make_node("Gemm", ["z", "W", "b"], ["h"], transB=1),
+                         helper.make_node("QuantizeLinear", ["h", "s", "zp"], ["q"]),
+                         helper.make_node("DequantizeLinear", ["q", "s2", "zp2"], ["d"]),
+                         helper.make_node("Sigmoid", ["d"], ["image"])], weights)
+    _, dequantized, _ = graph_bounds(graph)
+    # |h| <= 2r; |q - 3| <= 2r / 0.5 + 1/2; |(q - 1) * 2| <= (4r + 1/2 + 2) * 2
+    assert dequantized.slope.tolist() == [8.0] and dequantized.offset.tolist() == [5.0]
 
 
 @pytest.mark.parametrize("nodes", [
     [helper.make_node("Gemm", ["z", "W", "b"], ["h"], transB=1), helper.make_node("Tanh", ["h"], ["image"])],
-    [helper.make_node("Gemm", ["z", "W", "b"], ["h"], transB=1)],
+    [helper.make_node("Gemm", ["z", "W", "b"], ["h"], transB=1), helper.make_node("Exp", ["h"], ["image"])],
+    [helper.make_node("Gemm", ["z", "W", "b"], ["h"], transB=1), helper.make_node("Exp", ["h"], ["e"]),
+     helper.make_node("Reciprocal", ["e"], ["image"])],
     [helper.make_node("Gemm", ["z", "z", "b"], ["h"], transB=1), helper.make_node("Sigmoid", ["h"], ["image"])],
-    [helper.make_node("Gemm", ["z", "W", "b"], ["h"], transB=1), helper.make_node("Sigmoid", ["z"], ["image"])],
     [helper.make_node("Gemm", ["z", "W", "b"], ["h"], transA=1, transB=1), helper.make_node("Sigmoid", ["h"], ["image"])],
-], ids=["tanh-output", "no-sigmoid", "weight-not-constant", "not-a-chain", "transA"])
+    [helper.make_node("Gemm", ["z", "W", "b"], ["h"], transB=1), helper.make_node("Sigmoid", ["unknown"], ["image"])],
+], ids=["tanh", "exp-may-be-inf", "reciprocal-of-zero", "weight-not-constant", "transA", "unknown-input"])
 def test_any_other_graph_is_not_certified(nodes):
-    assert onnx_layers(_gemm_graph(nodes, {"W": [[1.0, 1.0]], "b": [0.0]})) is None
+    assert graph_bounds(_gemm_graph(nodes, {"W": [[1.0, 1.0]], "b": [0.0]})) is None
 
 
 def test_latent_extent_bounds_the_largest_magnitude_and_keeps_nan():

@@ -1,17 +1,19 @@
 """Which latents a decoder provably decodes without overflow, so that their images need no NaN/Inf scan.
 
-Interval bounds over the decoder's Linear layers, taken in float64 from the very weights the engine
-runs: if every |z_i| <= r, each pre-activation satisfies |h| <= |W| u + |b|, where u bounds the layer's
-input (the ReLU keeps the bound; the sigmoid of a finite logit is in [0, 1]). That bound is affine in
-r, so the largest r that keeps every bound below `SAFE_MAGNITUDE` has a closed form. Scanning the
-latents against r costs 2 values per image instead of 784 (docs/benchmarks.md).
+Interval bounds, taken in float64 from the very weights the engine runs: if every |z_i| <= r, a
+Linear layer's output satisfies |h| <= |W| u + |b| where u bounds its input; a ReLU keeps the bound;
+int8 quantize/dequantize pairs add half a step; a sigmoid of finite logits is in [0, 1]. Every bound
+is affine in r, so the largest r that keeps all of them below `SAFE_MAGNITUDE` has a closed form.
+Checking latents against r reads 2 values per image instead of scanning 784 (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -22,77 +24,151 @@ from vae_rt.model import Decoder
 # float32 and bfloat16 overflow above 3.4e38. The rounding of a 512-term fp32 sum, or of bf16 inputs and
 # weights, grows a bound by well under 1 % per layer; 1e30 leaves a factor of 1e8.
 SAFE_MAGNITUDE = 1e30
-CERTIFIED_PRECISIONS = ("fp32", "bf16")  # fp16 overflows at 65504 and int8 runs other weights: always scanned
+CERTIFIED_PRECISIONS = ("fp32", "bf16", "int8")  # fp16 overflows at 65504: always scanned
 UNCERTIFIED = -math.inf  # the radius that no latent is within
-Layer = tuple[np.ndarray, np.ndarray]  # weight [out, in], bias [out]
 
 
-def safe_radius(layers: Sequence[Layer]) -> float:
-    """The largest r such that latents with every |z_i| <= r keep every pre-activation below
-    `SAFE_MAGNITUDE`; `UNCERTIFIED` when even z = 0 is not safe (huge or non-finite weights)."""
-    if not layers:
-        return UNCERTIFIED
-    in_dim = layers[0][0].shape[1]
-    slope, offset = np.ones(in_dim), np.zeros(in_dim)  # the input bound is slope * r + offset, per unit
+@dataclass(frozen=True)
+class Magnitude:
+    """A finite value: per feature, |x| <= slope * r + offset whenever every latent |z_i| <= r."""
+
+    slope: np.ndarray
+    offset: np.ndarray
+
+    def through(self, weight: np.ndarray, bias: np.ndarray) -> Magnitude:
+        """The bound after `x @ weight.T + bias`, weight [out, in]."""
+        magnitude = np.abs(weight)
+        with np.errstate(invalid="ignore", over="ignore"):  # inf weights times 0 give NaN: refused by safe_radius
+            return Magnitude(magnitude @ self.slope, magnitude @ self.offset + np.broadcast_to(np.abs(bias), magnitude.shape[:1]))
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """An int8 tensor from QuantizeLinear: |q - zero_point| bounded by `steps`."""
+
+    steps: Magnitude
+    zero_point: np.ndarray
+
+
+@dataclass(frozen=True)
+class AtLeast:
+    """A value >= low, +inf included, never NaN: the exp of a finite value, plus constants."""
+
+    low: float
+
+
+Value = np.ndarray | Magnitude | Quantized | AtLeast  # np.ndarray: a constant
+
+
+def safe_radius(bounds: Iterable[Magnitude]) -> float:
+    """The largest r that keeps every bound below `SAFE_MAGNITUDE`; `UNCERTIFIED` when even z = 0 is
+    not safe (huge or non-finite weights)."""
     radius = math.inf
-    for weight, bias in layers:
-        magnitude = np.abs(weight.astype(np.float64))
-        with np.errstate(invalid="ignore", over="ignore"):  # inf weights times 0 give NaN: refused below
-            slope, offset = magnitude @ slope, magnitude @ offset + np.abs(bias.astype(np.float64))
-        if not (np.isfinite(slope).all() and (offset <= SAFE_MAGNITUDE).all()):  # NaN fails the comparison too
+    for bound in bounds:
+        if not (np.isfinite(bound.slope).all() and (bound.offset <= SAFE_MAGNITUDE).all()):  # NaN fails too
             return UNCERTIFIED
-        growing = slope > 0
+        growing = bound.slope > 0
         if growing.any():
-            radius = min(radius, float(((SAFE_MAGNITUDE - offset[growing]) / slope[growing]).min()))
+            radius = min(radius, float(((SAFE_MAGNITUDE - bound.offset[growing]) / bound.slope[growing]).min()))
     return radius
 
 
 def decoder_radius(decoder: Decoder, precision: str) -> float:
-    """`safe_radius` of a torch decoder run in `precision` (its float32 weights, before any cast)."""
-    if precision not in CERTIFIED_PRECISIONS:
+    """`safe_radius` of a torch decoder run in fp32 or bf16 (its float32 weights, before any cast)."""
+    if precision not in ("fp32", "bf16"):
         return UNCERTIFIED
-    return safe_radius([(layer.weight.detach().cpu().numpy(), layer.bias.detach().cpu().numpy()) for layer in decoder.layers])
+    bound = latents_bound(decoder.layers[0].in_features)
+    bounds = []
+    for layer in decoder.layers:
+        bound = bound.through(layer.weight.detach().double().cpu().numpy(), layer.bias.detach().double().cpu().numpy())
+        bounds.append(bound)
+    return safe_radius(bounds)
 
 
 def onnx_radius(path: Path, precision: str) -> float:
     """`safe_radius` of an ONNX decoder run in `precision`, read from the file an engine loads."""
     if precision not in CERTIFIED_PRECISIONS:
         return UNCERTIFIED
-    layers = onnx_layers(onnx.load(str(path)).graph)
-    return UNCERTIFIED if layers is None else safe_radius(layers)
+    bounds = graph_bounds(onnx.load(str(path)).graph)
+    return UNCERTIFIED if bounds is None else safe_radius(bounds)
 
 
-def onnx_layers(graph: onnx.GraphProto) -> list[Layer] | None:
-    """The Linear layers of a graph that is exactly a chain z -> Gemm (constant weight and bias) -> Relu
-    -> ... -> Gemm -> Sigmoid -> image; None for any other graph, which is then not certified."""
-    if len(graph.input) != 1 or len(graph.output) != 1 or not graph.node:
+def latents_bound(z_dim: int) -> Magnitude:
+    return Magnitude(np.ones(z_dim), np.zeros(z_dim))
+
+
+def graph_bounds(graph: onnx.GraphProto) -> list[Magnitude] | None:
+    """The bound of every value a decoder graph computes from z, given that it uses only the ops vae-rt
+    exports (Gemm, Relu, Sigmoid; in the int8 file QuantizeLinear/DequantizeLinear and a sigmoid as
+    Neg, Exp, Add, Reciprocal) with constant weights; None for any other graph, or one whose image
+    could be NaN."""
+    if len(graph.input) != 1 or len(graph.output) != 1:
         return None
-    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    kinds = [node.op_type for node in graph.node]
-    if kinds[-1] != "Sigmoid" or not set(kinds[:-1]) <= {"Gemm", "Relu"}:
+    dims = graph.input[0].type.tensor_type.shape.dim
+    if len(dims) != 2 or dims[1].dim_value < 1:
         return None
-    layers: list[Layer] = []
-    flowing = graph.input[0].name
+    values: dict[str, Value] = {init.name: numpy_helper.to_array(init).astype(np.float64) for init in graph.initializer}
+    values[graph.input[0].name] = latents_bound(dims[1].dim_value)
+    bounds = []
     for node in graph.node:
-        if list(node.input[:1]) != [flowing] or len(node.output) != 1:
+        if len(node.output) != 1 or any(name not in values for name in node.input):
             return None
-        flowing = node.output[0]
-        if node.op_type == "Gemm":
-            layer = gemm_layer(node, constants)
-            if layer is None or (layers and layer[0].shape[1] != layers[-1][0].shape[0]):
-                return None
-            layers.append(layer)
-    return layers if layers and flowing == graph.output[0].name else None
+        try:
+            result = evaluate(node.op_type, [values[name] for name in node.input], attributes(node))
+        except (ValueError, IndexError):  # shapes that do not broadcast, an axis out of range: not a graph to certify
+            return None
+        if result is None:
+            return None
+        values[node.output[0]] = result
+        if isinstance(result, Magnitude):
+            bounds.append(result)
+    return bounds if isinstance(values.get(graph.output[0].name), Magnitude) else None
 
 
-def gemm_layer(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> Layer | None:
-    """A Gemm `alpha * A @ op(B) + beta * C` as (weight [out, in], bias [out]); None unless B and C are constants."""
-    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    if attributes.get("transA", 0) or len(node.input) != 3 or not {node.input[1], node.input[2]} <= constants.keys():
+def attributes(node: onnx.NodeProto) -> dict[str, Any]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def evaluate(op: str, inputs: list[Value], attrs: dict[str, Any]) -> Value | None:
+    """One node on bounds (or on constants, for the dequantized weights); None for what is not covered."""
+    x, rest = inputs[0], inputs[1:]
+    if not all(isinstance(value, np.ndarray) for value in rest):
         return None
-    weight = constants[node.input[1]] * attributes.get("alpha", 1.0)
-    weight = weight if attributes.get("transB", 0) else weight.T
-    bias = constants[node.input[2]] * attributes.get("beta", 1.0)
-    if weight.ndim != 2 or bias.size not in (1, weight.shape[0]) or bias.ndim > 1:
-        return None
-    return weight, np.broadcast_to(bias, (weight.shape[0],))
+    if isinstance(x, np.ndarray):  # constant folding: only the int8 file's weights and biases need it
+        return dequantize(x, *rest, axis=attrs.get("axis", 1)) if op == "DequantizeLinear" and "block_size" not in attrs else None
+    if op == "Gemm" and isinstance(x, Magnitude) and len(rest) == 2 and not attrs.get("transA", 0):
+        weight = rest[0] * attrs.get("alpha", 1.0)
+        weight = weight if attrs.get("transB", 0) else weight.T
+        if weight.ndim != 2 or weight.shape[1] != x.slope.shape[0]:
+            return None
+        return x.through(weight, rest[1] * attrs.get("beta", 1.0))
+    if op in ("Relu", "Neg") and isinstance(x, Magnitude):
+        return x
+    if op == "Sigmoid" and isinstance(x, Magnitude):
+        return Magnitude(np.zeros_like(x.slope), np.ones_like(x.offset))
+    if op == "QuantizeLinear" and isinstance(x, Magnitude) and "block_size" not in attrs:
+        # round(x / scale) + zp, saturated: |q - zp| <= |x| / scale + 1/2 (saturation only lowers it)
+        step = float(np.abs(rest[0]).min())
+        if step <= 0:
+            return None
+        return Quantized(Magnitude(x.slope / step, x.offset / step + 0.5), rest[1] if len(rest) > 1 else np.zeros(1))
+    if op == "DequantizeLinear" and isinstance(x, Quantized):
+        # (q - zp') * scale, with |q - zp'| <= |q - zp| + |zp - zp'|
+        shift = float(np.abs(x.zero_point - (rest[1] if len(rest) > 1 else 0.0)).max())
+        scale = float(np.abs(rest[0]).max())
+        return Magnitude(x.steps.slope * scale, (x.steps.offset + shift) * scale)
+    if op == "Exp" and isinstance(x, Magnitude):
+        return AtLeast(0.0)
+    if op == "Add" and isinstance(x, AtLeast) and rest[0].size == 1 and math.isfinite(float(rest[0].ravel()[0])):
+        return AtLeast(x.low + float(rest[0].ravel()[0]))
+    if op == "Reciprocal" and isinstance(x, AtLeast) and x.low > 0:
+        return Magnitude(np.zeros(1), np.full(1, 1 / x.low))
+    return None
+
+
+def dequantize(quantized: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | float = 0.0, axis: int = 1) -> np.ndarray:
+    """ONNX DequantizeLinear on constants: (x - zero_point) * scale, per tensor or along `axis`."""
+    along = [1] * quantized.ndim
+    if np.ndim(scale) == 1:
+        along[axis] = -1
+    return (quantized - np.reshape(zero_point, along if np.ndim(zero_point) else ())) * np.reshape(scale, along if np.ndim(scale) else ())
