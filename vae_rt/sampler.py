@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vae_rt.backends import BaseBackend, check_out, chunk_bounds, latent_rows
+from vae_rt.backends import BaseBackend, check_out, chunk_bounds, empty_images, latent_rows
 from vae_rt.errors import UserError
 from vae_rt.files import block_aligned_empty
 from vae_rt.limits import MAX_BATCH, check_integer, check_seed
@@ -25,7 +25,7 @@ from vae_rt.resolve import resolve_backend
 log = logging.getLogger(__name__)
 
 LATENT_BLOCK = 4096  # rows drawn per generator call; fixed, so z never depends on the batch size
-DEFAULT_BATCH = {"cpu": 1024, "cuda": 65536}  # CPU: activations stay in cache; GPU: the engine profile's max
+DEFAULT_BATCH = {"cpu": 2048, "cuda": 65536}  # CPU: measured best across engines (docs/benchmarks.md); GPU: the engine profile's max
 
 
 class Sampler:
@@ -57,9 +57,7 @@ class Sampler:
                     return self.backend.decode(z, out, check_inputs)
                 if out is not None:
                     check_out(out, rows, self.backend.device)  # the backend sees only slices of it
-                images = out if out is not None else torch.empty(
-                    (rows, *IMAGE_SHAPE), dtype=torch.float32, device=self.backend.device
-                )
+                images = out if out is not None else empty_images(rows, self.backend.device)
                 for a, b in chunk_bounds(rows, self.batch_size):
                     self.backend.decode(z[a:b], images[a:b], check_inputs)  # straight into place: no concatenation
                 return images
@@ -73,7 +71,12 @@ class Sampler:
 
     def sample(self, n: int, seed: int = 0) -> torch.Tensor:
         """n images decoded from the seeded latents: float32 [n, 1, 28, 28]."""
-        return torch.cat(list(self.iter_samples(n, seed)))
+        images = empty_images(check_integer("n", n, 1), self.backend.device)
+        done = 0
+        for z in latent_batches(n, self.z_dim, seed, self.batch_size):  # each batch straight into place
+            self.decode(z, images[done : done + len(z)], check_inputs=False)
+            done += len(z)
+        return images
 
     def iter_samples(self, n: int, seed: int = 0, reuse: int = 0) -> Iterator[torch.Tensor]:
         """The images of `sample(n, seed)` one batch at a time, so n can exceed memory.

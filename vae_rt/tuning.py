@@ -25,10 +25,10 @@ from vae_rt.timing import SETTLE_SECONDS, time_calls
 
 log = logging.getLogger(__name__)
 
-PROBE_BATCHES = (1, 32, 1024)  # latency-bound to GEMM-bound (the CPU batch); other sizes take the nearest probe's winner
+PROBE_BATCHES = (1, 32, 2048)  # latency-bound to GEMM-bound (the CPU batch, `sampler.DEFAULT_BATCH`); other sizes take the nearest probe's winner
 ROUNDS = 3  # interleaved: a drift on a shared machine hits every engine alike
-ROUND_SECONDS = 0.02  # per engine, probe and round (at least 2 calls): the whole run takes a few seconds
-TUNING_REVISION = 4  # raised when how an engine is timed or decodes changes (2: NaN check off torch's pool; 3: settle; 4: scan skipped within the overflow-free radius, openvino's numpy copy), so caches re-tune
+ROUND_SECONDS = 0.04  # per engine, probe and round (at least 2 calls; 5 at the CPU batch in fp32): a few seconds in all
+TUNING_REVISION = 4  # raised when how an engine is timed or decodes changes (2: NaN check off torch's pool; 3: settle; 4: no scan within the overflow-free radius, openvino writes into the result), so caches re-tune
 Timings = dict[str, dict[int, float]]  # engine label ('ort fp32') -> probe batch -> median seconds per call
 
 

@@ -201,6 +201,15 @@ def check_out(out: Any, rows: int, device: str) -> None:
         raise UserError("out has " + "; ".join(problems))
 
 
+def empty_images(rows: int, device: str) -> torch.Tensor:
+    """Uninitialised float32 `[rows, 1, 28, 28]` on `device`. On the host numpy's memory: its allocator
+    asks for huge pages, where a torch.empty above glibc's 32 MB reuse limit page-faults 4 KB at a time
+    on every call (docs/benchmarks.md)."""
+    if device == "cpu":
+        return torch.from_numpy(np.empty((rows, *IMAGE_SHAPE), np.float32))
+    return torch.empty((rows, *IMAGE_SHAPE), dtype=torch.float32, device=device)
+
+
 def to_device(z: Latents, device: str) -> torch.Tensor:
     """Latents as a tensor on `device`; host memory is shared, not copied, where torch can share it."""
     if isinstance(z, np.ndarray):

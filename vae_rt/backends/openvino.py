@@ -22,11 +22,11 @@ from vae_rt.backends import (
     BaseBackend,
     Latents,
     check_output_shape,
+    empty_images,
     engine_failure,
 )
 from vae_rt.capabilities import native_bf16, openvino_core
 from vae_rt.errors import EngineUnavailable, UserError, require
-from vae_rt.model import IMAGE_SHAPE
 from vae_rt.overflow import onnx_radius
 
 
@@ -85,17 +85,16 @@ class OpenVinoBackend(BaseBackend):
 
     def _decode(self, z: Latents, out: torch.Tensor | None) -> torch.Tensor:
         rows = z.shape[0]
-        # OpenVINO writes straight into the result's memory (`out`, or fresh numpy memory, which is
-        # quicker to fill than a torch.empty): no copy out of its own buffer (docs/benchmarks.md).
-        images = np.empty((rows, self.x_dim), np.float32) if out is None else out.view(rows, self.x_dim).numpy()
+        # OpenVINO writes straight into the result's memory: no copy out of its own buffer (docs/benchmarks.md).
+        images = out if out is not None else empty_images(rows, "cpu")
         try:
-            self._request.set_output_tensor(self._tensor(images, shared_memory=True))
+            self._request.set_output_tensor(self._tensor(images.view(rows, self.x_dim).numpy(), shared_memory=True))
             (written,) = self._request.infer({0: np.ascontiguousarray(z)}, share_inputs=True, share_outputs=True).to_tuple()
         except Exception as err:
             raise engine_failure(self.describe(), err) from err
         # A graph that computes fewer rows or pixels than it declares shrinks the tensor and leaves the rest unwritten.
         check_output_shape(self.describe, rows, self.x_dim, written.shape)
-        return out if out is not None else torch.from_numpy(images).view(rows, *IMAGE_SHAPE)
+        return images
 
 
 def check_request(precision: str | None, device: str) -> None:
