@@ -10,8 +10,9 @@ from onnx import helper, numpy_helper
 
 from vae_rt import backends, open_sampler
 from vae_rt.backends import latent_extent
-from vae_rt.checkpoint import load_checkpoint
+from vae_rt.checkpoint import load_checkpoint, save_checkpoint
 from vae_rt.errors import RuntimeFailure
+from vae_rt.model import VAE, VAEConfig
 from vae_rt.overflow import (
     SAFE_MAGNITUDE,
     UNCERTIFIED,
@@ -61,7 +62,7 @@ def test_the_bound_holds_on_the_bundled_decoder_at_its_radius():
     assert max(peaks) > SAFE_MAGNITUDE / 1e3  # and not a vacuous bound: the corners come within 1000x of it
 
 
-def test_fp16_without_fp32_range_is_never_certified(random_checkpoint):
+def test_fp16_is_never_certified_and_bf16_shares_fp32s_radius(random_checkpoint):
     decoder = load_checkpoint(random_checkpoint)[0].decoder()
     assert decoder_radius(decoder, "bf16") == decoder_radius(decoder, "fp32") > 0
     assert decoder_radius(decoder, "fp16") == UNCERTIFIED
@@ -88,7 +89,8 @@ def test_the_exported_onnx_gives_the_radius_of_its_checkpoint(random_checkpoint)
 def _gemm_graph(nodes, initializers):
     return helper.make_graph(nodes, "g", [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["b", 2])],
                              [helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["b", 1])],
-                             [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in initializers.items()])
+                             [numpy_helper.from_array(v if isinstance(v, np.ndarray) else np.asarray(v, np.float32), k)
+                              for k, v in initializers.items()])
 
 
 def test_a_gemm_reads_its_transpose_and_scales():
@@ -101,7 +103,7 @@ def test_a_gemm_reads_its_transpose_and_scales():
 
 
 def test_quantize_dequantize_adds_half_a_step_and_any_zero_point_shift():
-    weights = {"W": [[1.0, 1.0]], "b": [0.0], "s": 0.5, "zp": 3.0, "s2": 2.0, "zp2": 1.0}
+    weights = {"W": [[1.0, 1.0]], "b": [0.0], "s": 0.5, "zp": np.array(3, np.uint8), "s2": 2.0, "zp2": np.array(1, np.uint8)}
     graph = _gemm_graph([helper.make_node("Gemm", ["z", "W", "b"], ["h"], transB=1),
                          helper.make_node("QuantizeLinear", ["h", "s", "zp"], ["q"]),
                          helper.make_node("DequantizeLinear", ["q", "s2", "zp2"], ["d"]),
@@ -166,3 +168,66 @@ def test_fp16_images_are_always_scanned(random_checkpoint, monkeypatch):
         monkeypatch.setattr(sampler.backend, "_decode", _nan_images)
         with pytest.raises(RuntimeFailure, match="output has NaN/Inf"):
             sampler.decode(torch.zeros(2, 2))
+
+
+def test_weights_bf16_could_round_to_inf_are_never_certified(tmp_path):
+    """A weight of 3.4e38 is finite in fp32 and inf in bf16, and inf * 0 is NaN: bounded as |W| * 0 it would pass."""
+    assert safe_radius(_layers(([[3.4e38, 0.0]], [0.0]))) == UNCERTIFIED
+    vae = VAE(VAEConfig())
+    with torch.no_grad():
+        vae.fc4.weight[0].zero_()
+        vae.fc4.bias[0] = 0.0  # hidden unit 0 is 0 for every latent
+        vae.fc5.weight[0, 0] = 3.4e38
+    save_checkpoint(tmp_path / "edge.pth", vae)
+    with open_sampler(tmp_path / "edge.pth", "torch", "bf16", "cpu") as sampler:
+        assert sampler.backend.finite_radius == UNCERTIFIED
+        with pytest.raises(RuntimeFailure, match="output has NaN/Inf"):
+            sampler.decode(torch.randn(4, 2))
+
+
+def _decoder_file(path, nodes, initializers, opset=18, functions=()):
+    graph = helper.make_graph(nodes, "d", [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["batch", 2])],
+                              [helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["batch", 784])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("local", 1)],
+                              functions=list(functions))
+    onnx.save(model, str(path))
+    return path
+
+
+WEIGHTS = [numpy_helper.from_array(np.full((784, 2), 0.01, np.float32), "W"), numpy_helper.from_array(np.zeros(784, np.float32), "b")]
+
+
+def test_a_zero_first_layer_still_bounds_the_latents(tmp_path):
+    """No bound grows with r, yet an infinite latent times a zero weight is NaN: the radius stays finite."""
+    zero = [numpy_helper.from_array(np.zeros((784, 2), np.float32), "W"), WEIGHTS[1]]
+    path = _decoder_file(tmp_path / "zero.onnx", [helper.make_node("Gemm", ["z", "W", "b"], ["h"], transB=1),
+                                                  helper.make_node("Sigmoid", ["h"], ["image"])], zero)
+    assert onnx_radius(path, "fp32") == SAFE_MAGNITUDE
+    with open_sampler(path, "ort", device="cpu") as sampler, pytest.raises(RuntimeFailure, match="output has NaN/Inf"):
+        sampler.decode(torch.tensor([[float("inf"), 0.0]]), check_inputs=False)
+
+
+def test_ops_of_another_domain_or_a_local_function_are_not_certified(tmp_path):
+    gemm = helper.make_node("Gemm", ["z", "W", "b"], ["h"], transB=1)
+    body = [helper.make_node("Abs", ["X"], ["a"]), helper.make_node("Neg", ["a"], ["n"]), helper.make_node("Log", ["n"], ["Y"])]
+    evil = helper.make_function("local", "Sigmoid", ["X"], ["Y"], body, [helper.make_opsetid("", 18)])
+    path = _decoder_file(tmp_path / "f.onnx", [gemm, helper.make_node("Sigmoid", ["h"], ["image"], domain="local")], WEIGHTS,
+                         functions=[evil])
+    assert onnx_radius(path, "fp32") == UNCERTIFIED
+    assert graph_bounds(onnx.load(str(path)).graph) is None  # the domain alone refuses it
+
+
+def test_float8_quantization_is_not_certified():
+    """A float8 QuantizeLinear saturates to NaN/inf (saturate=0) and rounds relatively: not the half-step bound."""
+    zero_point = helper.make_tensor("zp8", onnx.TensorProto.FLOAT8E4M3FN, [], [0.0])
+    nodes = [helper.make_node("Gemm", ["z", "W", "b"], ["h"], transB=1),
+             helper.make_node("QuantizeLinear", ["h", "s", "zp8"], ["q"], saturate=0),
+             helper.make_node("DequantizeLinear", ["q", "s", "zp8"], ["d"]), helper.make_node("Sigmoid", ["d"], ["image"])]
+    graph = _gemm_graph(nodes, {"W": [[1.0, 1.0]], "b": [0.0], "s": 1e-3})
+    graph.initializer.append(zero_point)
+    assert graph_bounds(graph) is None
+
+
+def test_a_name_defined_twice_is_not_certified():
+    nodes = [helper.make_node("Gemm", ["z", "W", "b"], ["W"], transB=1), helper.make_node("Sigmoid", ["W"], ["image"])]
+    assert graph_bounds(_gemm_graph(nodes, {"W": [[1.0, 1.0]], "b": [0.0]})) is None

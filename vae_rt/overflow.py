@@ -13,13 +13,14 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from vae_rt.model import Decoder
+if TYPE_CHECKING:
+    from vae_rt.model import Decoder
 
 # float32 and bfloat16 overflow above 3.4e38. The rounding of a 512-term fp32 sum, or of bf16 inputs and
 # weights, grows a bound by well under 1 % per layer; 1e30 leaves a factor of 1e8.
@@ -36,8 +37,11 @@ class Magnitude:
     offset: np.ndarray
 
     def through(self, weight: np.ndarray, bias: np.ndarray) -> Magnitude:
-        """The bound after `x @ weight.T + bias`, weight [out, in]."""
+        """The bound after `x @ weight.T + bias`, weight [out, in]. A weight or bias beyond
+        `SAFE_MAGNITUDE` gives an infinite bound (refused): bf16 could round it to inf, and inf * 0 is NaN."""
         magnitude = np.abs(weight)
+        if not ((magnitude <= SAFE_MAGNITUDE).all() and (np.abs(bias) <= SAFE_MAGNITUDE).all()):
+            return Magnitude(np.full(len(magnitude), np.inf), np.full(len(magnitude), np.inf))
         with np.errstate(invalid="ignore", over="ignore"):  # inf weights times 0 give NaN: refused by safe_radius
             return Magnitude(magnitude @ self.slope, magnitude @ self.offset + np.broadcast_to(np.abs(bias), magnitude.shape[:1]))
 
@@ -61,9 +65,10 @@ Value = np.ndarray | Magnitude | Quantized | AtLeast  # np.ndarray: a constant
 
 
 def safe_radius(bounds: Iterable[Magnitude]) -> float:
-    """The largest r that keeps every bound below `SAFE_MAGNITUDE`; `UNCERTIFIED` when even z = 0 is
-    not safe (huge or non-finite weights)."""
-    radius = math.inf
+    """The largest r that keeps every bound below `SAFE_MAGNITUDE`, itself at most `SAFE_MAGNITUDE`
+    (no bound grows with r when the first layer is zero, yet an infinite latent times 0 is NaN);
+    `UNCERTIFIED` when even z = 0 is not safe (huge or non-finite weights)."""
+    radius = SAFE_MAGNITUDE
     for bound in bounds:
         if not (np.isfinite(bound.slope).all() and (bound.offset <= SAFE_MAGNITUDE).all()):  # NaN fails too
             return UNCERTIFIED
@@ -75,7 +80,7 @@ def safe_radius(bounds: Iterable[Magnitude]) -> float:
 
 def decoder_radius(decoder: Decoder, precision: str) -> float:
     """`safe_radius` of a torch decoder run in fp32 or bf16 (its float32 weights, before any cast)."""
-    if precision not in ("fp32", "bf16"):
+    if precision not in ("fp32", "bf16"):  # of CERTIFIED_PRECISIONS, what torch runs: it has no int8
         return UNCERTIFIED
     bound = latents_bound(decoder.layers[0].in_features)
     bounds = []
@@ -89,29 +94,35 @@ def onnx_radius(path: Path, precision: str) -> float:
     """`safe_radius` of an ONNX decoder run in `precision`, read from the file an engine loads."""
     if precision not in CERTIFIED_PRECISIONS:
         return UNCERTIFIED
-    bounds = graph_bounds(onnx.load(str(path)).graph)
+    model = onnx.load(str(path))
+    bounds = None if model.functions else graph_bounds(model.graph)  # a local function could redefine any op
     return UNCERTIFIED if bounds is None else safe_radius(bounds)
 
 
 def latents_bound(z_dim: int) -> Magnitude:
+    """The bound of the latents themselves: |z_i| <= r."""
     return Magnitude(np.ones(z_dim), np.zeros(z_dim))
 
 
 def graph_bounds(graph: onnx.GraphProto) -> list[Magnitude] | None:
     """The bound of every value a decoder graph computes from z, given that it uses only the ops vae-rt
     exports (Gemm, Relu, Sigmoid; in the int8 file QuantizeLinear/DequantizeLinear and a sigmoid as
-    Neg, Exp, Add, Reciprocal) with constant weights; None for any other graph, or one whose image
-    could be NaN."""
+    Neg, Exp, Add, Reciprocal; integer quantization only) with constant weights, each name defined
+    once; None for any other graph."""
     if len(graph.input) != 1 or len(graph.output) != 1:
         return None
     dims = graph.input[0].type.tensor_type.shape.dim
     if len(dims) != 2 or dims[1].dim_value < 1:
         return None
+    types = {init.name: init.data_type for init in graph.initializer}
     values: dict[str, Value] = {init.name: numpy_helper.to_array(init).astype(np.float64) for init in graph.initializer}
+    if len(values) != len(graph.initializer) or graph.input[0].name in values:
+        return None
     values[graph.input[0].name] = latents_bound(dims[1].dim_value)
     bounds = []
     for node in graph.node:
-        if len(node.output) != 1 or any(name not in values for name in node.input):
+        if (node.domain not in ("", "ai.onnx") or len(node.output) != 1 or node.output[0] in values
+                or any(name not in values for name in node.input) or not integer_quantization(node, types)):
             return None
         try:
             result = evaluate(node.op_type, [values[name] for name in node.input], attributes(node))
@@ -123,6 +134,19 @@ def graph_bounds(graph: onnx.GraphProto) -> list[Magnitude] | None:
         if isinstance(result, Magnitude):
             bounds.append(result)
     return bounds if isinstance(values.get(graph.output[0].name), Magnitude) else None
+
+
+INTEGER_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT32}  # int32: biases
+
+
+def integer_quantization(node: onnx.NodeProto, types: dict[str, int]) -> bool:
+    """Whether a QuantizeLinear/DequantizeLinear (any other node passes) is integer quantization:
+    float8 saturates to inf or NaN and rounds relatively, which the half-step bound does not cover."""
+    if node.op_type == "QuantizeLinear":
+        return "output_dtype" not in attributes(node) and (len(node.input) < 3 or types.get(node.input[2]) in INTEGER_TYPES)
+    if node.op_type == "DequantizeLinear":
+        return all(types.get(name, onnx.TensorProto.INT8) in INTEGER_TYPES for name in node.input[:1] + node.input[2:3])
+    return True
 
 
 def attributes(node: onnx.NodeProto) -> dict[str, Any]:
@@ -153,9 +177,12 @@ def evaluate(op: str, inputs: list[Value], attrs: dict[str, Any]) -> Value | Non
             return None
         return Quantized(Magnitude(x.slope / step, x.offset / step + 0.5), rest[1] if len(rest) > 1 else np.zeros(1))
     if op == "DequantizeLinear" and isinstance(x, Quantized):
-        # (q - zp') * scale, with |q - zp'| <= |q - zp| + |zp - zp'|
-        shift = float(np.abs(x.zero_point - (rest[1] if len(rest) > 1 else 0.0)).max())
+        # (q - zp') * scale, with |q - zp'| <= |q - zp| + |zp - zp'| for any pairing of their entries
+        zero_point = rest[1] if len(rest) > 1 else np.zeros(1)
+        shift = max(abs(x.zero_point.max() - zero_point.min()), abs(x.zero_point.min() - zero_point.max()))
         scale = float(np.abs(rest[0]).max())
+        if not scale <= SAFE_MAGNITUDE:
+            return None
         return Magnitude(x.steps.slope * scale, (x.steps.offset + shift) * scale)
     if op == "Exp" and isinstance(x, Magnitude):
         return AtLeast(0.0)

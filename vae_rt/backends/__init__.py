@@ -112,11 +112,11 @@ class BaseBackend:
         raise NotImplementedError
 
 
-def engine_failure(describe: str, err: Exception) -> RuntimeFailure:
+def engine_failure(engine: str, err: Exception) -> RuntimeFailure:
     """An engine's own error during a run (a graph that computes another shape than it declares, say;
     ONNX Runtime and OpenVINO raise their own types) as one line. Raised from a plain try/except
     around each engine call: no cost unless it fails (docs/benchmarks.md)."""
-    return RuntimeFailure(f"{describe} failed: {' '.join(str(err).split())[:400]}")
+    return RuntimeFailure(f"{engine} failed: {' '.join(str(err).split())[:400]}")
 
 
 def check_output_shape(describe: Callable[[], str], rows: int, x_dim: int, shape: tuple[int, ...]) -> None:

@@ -34,7 +34,7 @@ class OpenVinoBackend(BaseBackend):
     """One compiled model with one infer request, run synchronously: the lowest-overhead call per batch.
 
     The model keeps the ONNX file's dynamic batch dimension, so any batch size runs on one compiled
-    model. Each call hands OpenVINO the latents' memory and copies the result out of the request's.
+    model. Each call hands OpenVINO the latents' memory and the result's, which it writes into.
     """
 
     name = "openvino"
@@ -52,6 +52,7 @@ class OpenVinoBackend(BaseBackend):
         self.z_dim = z_dim
         self.threads = threads or torch.get_num_threads()  # the same cores torch and ort use: a fair comparison
         self._request = None
+        self._tensor: Any = None  # openvino.Tensor: openvino is imported by `_open`, not with this module
 
     def _open(self) -> None:
         ov = require("openvino", extra="cpu")
@@ -77,7 +78,7 @@ class OpenVinoBackend(BaseBackend):
         if self.precision == "int8" and not int8_layers(compiled.get_runtime_model()):
             raise EngineUnavailable(f"precision int8: openvino runs no layer of {self.onnx_path.name} in int8 on this CPU")
         self._request = compiled.create_infer_request()
-        self._tensor = ov.Tensor  # openvino is imported by `_open`, not with this module
+        self._tensor = ov.Tensor
         self.finite_radius = onnx_radius(self.onnx_path, self.precision)
 
     def _close(self) -> None:
@@ -86,6 +87,8 @@ class OpenVinoBackend(BaseBackend):
     def _decode(self, z: Latents, out: torch.Tensor | None) -> torch.Tensor:
         rows = z.shape[0]
         # OpenVINO writes straight into the result's memory: no copy out of its own buffer (docs/benchmarks.md).
+        # The request keeps pointing at it after the call, without keeping it alive: every infer must
+        # be given its output first.
         images = out if out is not None else empty_images(rows, "cpu")
         try:
             self._request.set_output_tensor(self._tensor(images.view(rows, self.x_dim).numpy(), shared_memory=True))
