@@ -92,7 +92,7 @@ class OpenVinoBackend(BaseBackend):
         images = out if out is not None else empty_images(rows, "cpu")
         try:
             self._request.set_output_tensor(self._tensor(images.view(rows, self.x_dim).numpy(), shared_memory=True))
-            (written,) = self._request.infer({0: np.ascontiguousarray(z)}, share_inputs=True, share_outputs=True).to_tuple()
+            (written,) = self._request.infer(np.ascontiguousarray(z), share_inputs=True, share_outputs=True).to_tuple()
         except Exception as err:
             raise engine_failure(self.describe(), err) from err
         # A graph that computes fewer rows or pixels than it declares shrinks the tensor and leaves the rest unwritten.
