@@ -24,7 +24,7 @@ BACKEND_CHOICES = ("auto", *BACKENDS)
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 DEVICES = ("auto", "cpu", "cuda")
 OPENVINO_ONNX_FOR_PRECISION = {"fp32": "fp32", "bf16": "fp32", "int8": "int8"}  # openvino's precision -> the file it runs
-SMALL_CHECK = 64  # values up to which a Python loop checks finiteness quicker than numpy (docs/benchmarks.md)
+SMALL_CHECK = 64  # values up to which a Python loop takes the latents' extent quicker than numpy (docs/benchmarks.md)
 Latents = np.ndarray | torch.Tensor  # latents at the engine: numpy in host memory, a tensor on a GPU
 
 
@@ -130,17 +130,12 @@ def latent_rows(z: object) -> int:
     return z.shape[0] if getattr(z, "ndim", 0) else 0
 
 
-def all_finite(values: torch.Tensor | np.ndarray) -> bool:
-    """Whether no value is NaN/Inf. Host memory is checked on this thread (numpy, or a plain loop for a
-    few values): torch's check would wake its own thread pool, which then fights ONNX Runtime's for the
-    cores (docs/benchmarks.md)."""
-    if isinstance(values, torch.Tensor):
-        if not values.is_cpu:
-            return bool(torch.isfinite(values).all())
-        values = values.numpy()
-    if values.size <= SMALL_CHECK:  # a batch-1 latent: a plain loop is quicker than numpy's call
-        return all(map(math.isfinite, values.ravel().tolist()))
-    return bool(np.isfinite(values).all())
+def all_finite(images: torch.Tensor) -> bool:
+    """Whether no value is NaN/Inf. Host memory is checked by numpy on this thread: torch's check would
+    wake its own thread pool, which then fights ONNX Runtime's for the cores (docs/benchmarks.md)."""
+    if not images.is_cpu:
+        return bool(torch.isfinite(images).all())
+    return bool(np.isfinite(images.numpy()).all())
 
 
 def latent_extent(z: Latents) -> float:
