@@ -91,10 +91,9 @@ class Sampler:
             yield self.decode(z, ring[index % reuse][: len(z)] if ring else None, check_inputs=False)
 
     def _ring_buffer(self) -> torch.Tensor:
-        shape = (self.batch_size, *IMAGE_SHAPE)
         if self.backend.device == "cpu":
-            return block_aligned_empty(shape, torch.float32)
-        return torch.empty(shape, device=self.backend.device)
+            return block_aligned_empty((self.batch_size, *IMAGE_SHAPE), torch.float32)
+        return empty_images(self.batch_size, self.backend.device)
 
     def close(self) -> None:
         self.backend.close()

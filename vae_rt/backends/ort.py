@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from vae_rt.artifacts import inspect_onnx
-from vae_rt.backends import BaseBackend, Latents, check_output_shape, engine_failure, to_device
+from vae_rt.backends import BaseBackend, Latents, check_output_shape, empty_images, engine_failure, to_device
 from vae_rt.capabilities import CPU_EP, CUDA_EP, available_providers
 from vae_rt.errors import UserError, require
 from vae_rt.model import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
@@ -86,7 +86,7 @@ class OrtBackend(BaseBackend):
     def _decode_bound(self, z: Latents, out: torch.Tensor | None) -> torch.Tensor:
         """IOBinding: ORT reads z from and writes images into torch memory directly (CUDA, or `out` on the CPU)."""
         z = to_device(z, self.device).contiguous()
-        images = out if out is not None else torch.empty((len(z), *IMAGE_SHAPE), dtype=torch.float32, device=z.device)
+        images = out if out is not None else empty_images(len(z), self.device)
         index = z.device.index or 0
         binding = self._session.io_binding()
         binding.bind_input(INPUT_NAME, self.device, index, np.float32, tuple(z.shape), z.data_ptr())

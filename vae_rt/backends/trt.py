@@ -12,11 +12,11 @@ from typing import Any
 import torch
 
 from vae_rt.artifacts import platform_mismatch, read_manifest
-from vae_rt.backends import BaseBackend, Latents, chunk_bounds, to_device
+from vae_rt.backends import BaseBackend, Latents, chunk_bounds, empty_images, to_device
 from vae_rt.backends.graphs import CaptureFailed, GraphCache, capture_graph
 from vae_rt.capabilities import current_platform, last_message, process_logger
 from vae_rt.errors import RuntimeFailure, UserError, require
-from vae_rt.model import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME, X_DIM
+from vae_rt.model import INPUT_NAME, OUTPUT_NAME, X_DIM
 
 
 class EngineError(UserError):
@@ -101,7 +101,7 @@ class TrtBackend(BaseBackend):
 
     def _decode(self, z: Latents, out: torch.Tensor | None) -> torch.Tensor:
         z = to_device(z, "cuda")
-        images = out if out is not None else torch.empty((len(z), *IMAGE_SHAPE), dtype=torch.float32, device="cuda")
+        images = out if out is not None else empty_images(len(z), "cuda")
         self._stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self._stream):
             for start, stop in chunk_bounds(len(z), self.max_batch):
