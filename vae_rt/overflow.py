@@ -121,11 +121,12 @@ def graph_bounds(graph: onnx.GraphProto) -> list[Magnitude] | None:
     values[graph.input[0].name] = latents_bound(dims[1].dim_value)
     bounds = []
     for node in graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if (node.domain not in ("", "ai.onnx") or len(node.output) != 1 or node.output[0] in values
-                or any(name not in values for name in node.input) or not integer_quantization(node, types)):
+                or any(name not in values for name in node.input) or not integer_quantization(node, attrs, types)):
             return None
         try:
-            result = evaluate(node.op_type, [values[name] for name in node.input], attributes(node))
+            result = evaluate(node.op_type, [values[name] for name in node.input], attrs)
         except (ValueError, IndexError):  # shapes that do not broadcast, an axis out of range: not a graph to certify
             return None
         if result is None:
@@ -139,18 +140,14 @@ def graph_bounds(graph: onnx.GraphProto) -> list[Magnitude] | None:
 INTEGER_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT32}  # int32: biases
 
 
-def integer_quantization(node: onnx.NodeProto, types: dict[str, int]) -> bool:
+def integer_quantization(node: onnx.NodeProto, attrs: dict[str, Any], types: dict[str, int]) -> bool:
     """Whether a QuantizeLinear/DequantizeLinear (any other node passes) is integer quantization:
     float8 saturates to inf or NaN and rounds relatively, which the half-step bound does not cover."""
     if node.op_type == "QuantizeLinear":
-        return "output_dtype" not in attributes(node) and (len(node.input) < 3 or types.get(node.input[2]) in INTEGER_TYPES)
+        return "output_dtype" not in attrs and (len(node.input) < 3 or types.get(node.input[2]) in INTEGER_TYPES)
     if node.op_type == "DequantizeLinear":
         return all(types.get(name, onnx.TensorProto.INT8) in INTEGER_TYPES for name in node.input[:1] + node.input[2:3])
     return True
-
-
-def attributes(node: onnx.NodeProto) -> dict[str, Any]:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
 def evaluate(op: str, inputs: list[Value], attrs: dict[str, Any]) -> Value | None:
