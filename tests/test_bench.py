@@ -152,6 +152,11 @@ def test_pipeline_script_runs(tmp_path):
     assert list(tmp_path.iterdir()) == []  # its .npy lives in a temporary folder
 
 
+def test_mixed_sizes_script_runs():
+    output = _run_script("mixed_sizes.py", "--calls", 6, "--max-batch", 64, "--rounds", 1)
+    assert "6 calls" in output and "median of 1: auto " in output and "always switching" in output
+
+
 def test_train_speed_script_runs(mnist_dir, monkeypatch, capsys):
     """The script's own code, on 1024 training images in both loops (a full epoch of each is the benchmark)."""
     import runpy

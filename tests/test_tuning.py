@@ -2,6 +2,7 @@
 
 import json
 import logging
+import time
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from vae_rt.backends.auto import AutoBackend
 from vae_rt.checkpoint import load_checkpoint
 from vae_rt.parity import compare
 from vae_rt.sampler import draw_latents
+from vae_rt.timing import SETTLE_SECONDS
 
 TIMINGS = {  # seconds per call at each probe: ort wins small batches, openvino large ones
     "ort fp32": {1: 20e-6, 32: 90e-6, 2048: 4.0e-3},
@@ -122,8 +124,10 @@ def test_auto_backend_dispatches_by_batch_size_and_keeps_only_winners(monkeypatc
     with AutoBackend(engines, make, "ef" * 32, 2) as auto:
         assert made["torch fp32"].closed  # measured, never the fastest: closed
         auto.decode(torch.zeros(1, 2))
+        auto.decode(torch.zeros(1000, 2))  # right after ort: staying loses less than a switch would (vae_rt.dispatch)
+        time.sleep(2 * SETTLE_SECONDS)
         auto.decode(torch.zeros(1000, 2))
-        assert made["ort fp32"].batches == [1] and made["openvino fp32"].batches == [1000]
+        assert made["ort fp32"].batches == [1, 1000] and made["openvino fp32"].batches == [1000]
         assert auto.describe() == "auto on cpu: ort fp32, openvino fp32"
         assert "measured now" in auto.why
     with AutoBackend(engines, make, "ef" * 32, 2) as auto:  # the second open reads the cache

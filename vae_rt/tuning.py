@@ -120,10 +120,14 @@ def nearest_probe(batch: int, probes: list[int] | tuple[int, ...]) -> int:
     return min(probes, key=lambda p: (abs(math.log2(max(batch, 1)) - math.log2(p)), -p))
 
 
+def expected_seconds(timings: Timings, engine: str, batch: int) -> float:
+    """The engine's measured time per call at the probe nearest to `batch`."""
+    return timings[engine][nearest_probe(batch, sorted(timings[engine]))]
+
+
 def fastest(timings: Timings, batch: int) -> str:
     """The engine with the lowest measured time at the probe nearest to `batch`."""
-    probe = nearest_probe(batch, sorted(next(iter(timings.values()))))
-    return min(sorted(timings), key=lambda engine: timings[engine][probe])
+    return min(sorted(timings), key=lambda engine: expected_seconds(timings, engine, batch))
 
 
 def explain(timings: Timings) -> str:

@@ -1,21 +1,24 @@
 """`auto` on the CPU: several engines behind one backend, each batch decoded by the one measured fastest at its size.
 
 A Sampler then holds more than one engine, but only through this backend: it opens the engines the
-timing table names as winners (the rest are closed once measured), keeps them open for its lifetime,
-and remembers the engine chosen for each batch size it has seen. `Sampler.decode` chunks large inputs
-at its batch size, so in practice one or two engines serve a sampler: one for its full batches and,
-maybe, another for a short last one.
+timing table names as winners (the rest are closed once measured) and keeps them open for its
+lifetime. `Sampler.decode` chunks large inputs at its batch size, so in practice one or two engines
+serve a sampler: one for its full batches and, maybe, another for a short last one. Which engine
+takes each call is `vae_rt.dispatch`'s business: the fastest at its size, unless another engine ran
+a moment ago and still occupies the cores.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import torch
 
 from vae_rt import tuning
 from vae_rt.backends import BaseBackend, Latents, latent_rows
+from vae_rt.dispatch import Dispatcher
 from vae_rt.errors import EngineUnavailable, notice
 
 log = logging.getLogger(__name__)
@@ -24,7 +27,7 @@ Factory = Callable[[str, str], BaseBackend]  # (backend, precision) -> an unopen
 
 
 class AutoBackend(BaseBackend):
-    """Dispatches each `decode` to the engine that the tuning run (or its cache) found fastest at that batch size."""
+    """Dispatches each `decode` to an engine the tuning run (or its cache) found fastest at some batch size."""
 
     name = "auto"
 
@@ -41,7 +44,7 @@ class AutoBackend(BaseBackend):
         self.timings: tuning.Timings = {}
         self.why = ""
         self._open_engines: dict[str, BaseBackend] = {}
-        self._by_rows: dict[int, BaseBackend] = {}
+        self._dispatch = Dispatcher({})
 
     def describe(self) -> str:
         winners = [tuning.fastest(self.timings, probe) for probe in tuning.PROBE_BATCHES] if self.timings else []
@@ -56,6 +59,7 @@ class AutoBackend(BaseBackend):
             tuning.save_timings(path, self._key, timings)
             source = f"measured now, cached in {path}"
         self.timings = timings
+        self._dispatch = Dispatcher(timings)
         winners = {tuning.fastest(timings, probe) for probe in tuning.PROBE_BATCHES}
         for label in list(self._open_engines):
             if label not in winners:
@@ -89,21 +93,17 @@ class AutoBackend(BaseBackend):
     def _close(self) -> None:
         for engine in self._open_engines.values():
             engine.close()
-        self._open_engines, self._by_rows = {}, {}
+        self._open_engines = {}
 
     def decode(self, z: torch.Tensor | Latents, out: torch.Tensor | None = None, check_inputs: bool = True) -> torch.Tensor:
         """As `BaseBackend.decode`; the chosen engine checks the latents (once) and decodes them."""
-        return self._engine_for_rows(z).decode(z, out, check_inputs)
-
-    def _engine_for_rows(self, z: object) -> BaseBackend:
         if not self.is_open:
             raise RuntimeError("auto backend: decode() called before open()")
-        rows = latent_rows(z)
-        engine = self._by_rows.get(rows)
-        if engine is None:
-            engine = self._by_rows[rows] = self._engine(tuning.fastest(self.timings, rows))
-        return engine
+        label = self._dispatch.choose(latent_rows(z), time.perf_counter())
+        images = self._engine(label).decode(z, out, check_inputs)
+        self._dispatch.ran(label, time.perf_counter())
+        return images
 
     def engine_for(self, rows: int) -> str:
-        """The label of the engine that decodes a batch of `rows`."""
-        return tuning.fastest(self.timings, rows)
+        """The label of the engine fastest at a batch of `rows`: the one that decodes it unless another just ran."""
+        return self._dispatch.fastest(rows)

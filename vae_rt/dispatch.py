@@ -1,0 +1,47 @@
+"""Which of `auto`'s engines decodes each batch: the fastest at its size, without thrashing between engines.
+
+An engine's threads keep spinning on the cores for a while after its call returns (ONNX Runtime's for
+about 30 ms), and a different engine started in that time shares the cores with them: on 2 cores an
+OpenVINO call right after an ONNX Runtime one took twice as long, and an ONNX Runtime call right
+after an OpenVINO one ten times as long (docs/benchmarks.md). When batch sizes change from call to
+call, as under a server's dynamic batching, switching at every change costs far more than the
+fastest engine gains. So a call that follows another engine's within that time stays on it, unless
+it is more than twice as slow at this size: a switch would cost at least that much.
+"""
+
+from __future__ import annotations
+
+import math
+
+from vae_rt import tuning
+from vae_rt.timing import SETTLE_SECONDS
+
+STAY_FACTOR = 2.0  # stay on the engine that just ran unless it is slower than this times the fastest
+
+
+class Dispatcher:
+    """Chooses the engine (a label of `timings`) for each call; `ran` is told when each call returned."""
+
+    def __init__(self, timings: tuning.Timings):
+        self.timings = timings
+        self._fastest: dict[int, str] = {}  # batch size -> fastest engine, worked out once per size
+        self._last = ""  # the engine of the last call
+        self._last_returned = -math.inf  # time.perf_counter() when it returned
+
+    def fastest(self, rows: int) -> str:
+        label = self._fastest.get(rows)
+        if label is None:
+            label = self._fastest[rows] = tuning.fastest(self.timings, rows)
+        return label
+
+    def choose(self, rows: int, now: float) -> str:
+        """The engine for a call of `rows` latents starting at `now` (seconds, time.perf_counter())."""
+        best = self.fastest(rows)
+        if best == self._last or now - self._last_returned >= SETTLE_SECONDS:  # no switch, or one into idle cores
+            return best
+        stay = tuning.expected_seconds(self.timings, self._last, rows) <= STAY_FACTOR * tuning.expected_seconds(self.timings, best, rows)
+        return self._last if stay else best
+
+    def ran(self, label: str, returned: float) -> None:
+        """Record that `label` decoded the last call, which returned at `returned` (time.perf_counter())."""
+        self._last, self._last_returned = label, returned
