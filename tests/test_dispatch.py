@@ -1,4 +1,4 @@
-"""`auto`'s per-call choice: the fastest engine at each size, no switch while another engine's threads spin."""
+"""`auto`'s per-call choice: the fastest engine at each size, a switch put off while another engine's threads spin."""
 
 from vae_rt.dispatch import Dispatcher
 from vae_rt.timing import SETTLE_SECONDS
@@ -25,13 +25,23 @@ def test_after_a_pause_each_size_goes_to_its_fastest_engine():
         assert dispatch.fastest(rows) == expected
 
 
-def test_calls_in_quick_succession_stay_on_the_engine_that_just_ran_unless_it_is_over_twice_as_slow():
+def test_one_off_calls_of_another_size_stay_on_the_engine_that_just_ran_unless_it_is_over_twice_as_slow():
     dispatch = Dispatcher(TIMINGS)
     sizes = [1, 2048, 5, 2048, 1000, 1]
     assert [run(dispatch, rows, 0.001 * i) for i, rows in enumerate(sizes)] == ["ort fp32"] * 6  # at most 1.33x slower
     dispatch = Dispatcher(TIMINGS)
     # openvino first; at batch 1 it is 3x slower than ort: switch, then stay on ort (1.33x at 2048)
     assert [run(dispatch, rows, 0.001 * i) for i, rows in enumerate([2048, 1, 2048])] == ["openvino fp32", "ort fp32", "ort fp32"]
+
+
+def test_a_long_run_switches_once_staying_has_cost_as_much_as_a_switch():
+    dispatch = Dispatcher(TIMINGS)
+    assert run(dispatch, 1, 0.0) == "ort fp32"
+    # each batch of 2048 on ort loses 1 ms to openvino's 3 ms call: stay twice (2 ms lost), switch on the third
+    assert [run(dispatch, 2048, 0.001 * i) for i in range(1, 6)] == ["ort fp32"] * 2 + ["openvino fp32"] * 3
+    dispatch = Dispatcher(TIMINGS)
+    sizes = [1, 2048, 1, 2048, 1, 2048, 1, 2048]  # alternating: each stay is a run of one, 1 ms lost each time
+    assert [run(dispatch, rows, 0.001 * i) for i, rows in enumerate(sizes)] == ["ort fp32"] * 8
 
 
 def test_a_pause_frees_the_choice_again():

@@ -5,8 +5,11 @@ about 30 ms), and a different engine started in that time shares the cores with 
 OpenVINO call right after an ONNX Runtime one took twice as long, and an ONNX Runtime call right
 after an OpenVINO one ten times as long (docs/benchmarks.md). When batch sizes change from call to
 call, as under a server's dynamic batching, switching at every change costs far more than the
-fastest engine gains. So a call that follows another engine's within that time stays on it, unless
-it is more than twice as slow at this size: a switch would cost at least that much.
+fastest engine gains. So a call that follows another engine's within that time stays on it, for as
+long as the time lost by staying, over an unbroken run of such calls, is less than one call of the
+fastest engine (about what a switch costs then). A one-off call of another size stays; an engine
+more than twice as slow is left at once; a long run switches once staying has cost as much as
+switching would have (the ski-rental rule: never worse than twice the best choice in hindsight).
 """
 
 from __future__ import annotations
@@ -15,8 +18,6 @@ import math
 
 from vae_rt import tuning
 from vae_rt.timing import SETTLE_SECONDS
-
-STAY_FACTOR = 2.0  # stay on the engine that just ran unless it is slower than this times the fastest
 
 
 class Dispatcher:
@@ -27,6 +28,7 @@ class Dispatcher:
         self._fastest: dict[int, str] = {}  # batch size -> fastest engine, worked out once per size
         self._last = ""  # the engine of the last call
         self._last_returned = -math.inf  # time.perf_counter() when it returned
+        self._stay_cost = 0.0  # seconds lost in this run of calls that stayed on it instead of switching
 
     def fastest(self, rows: int) -> str:
         label = self._fastest.get(rows)
@@ -38,9 +40,14 @@ class Dispatcher:
         """The engine for a call of `rows` latents starting at `now` (seconds, time.perf_counter())."""
         best = self.fastest(rows)
         if best == self._last or now - self._last_returned >= SETTLE_SECONDS:  # no switch, or one into idle cores
+            self._stay_cost = 0.0
             return best
-        stay = tuning.expected_seconds(self.timings, self._last, rows) <= STAY_FACTOR * tuning.expected_seconds(self.timings, best, rows)
-        return self._last if stay else best
+        best_seconds = tuning.expected_seconds(self.timings, best, rows)
+        self._stay_cost += tuning.expected_seconds(self.timings, self._last, rows) - best_seconds
+        if self._stay_cost < best_seconds:
+            return self._last
+        self._stay_cost = 0.0
+        return best
 
     def ran(self, label: str, returned: float) -> None:
         """Record that `label` decoded the last call, which returned at `returned` (time.perf_counter())."""
