@@ -11,7 +11,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,19 @@ log = logging.getLogger(__name__)
 PROBE_BATCHES = (1, 32, 2048)  # latency-bound to GEMM-bound (the CPU batch, `sampler.DEFAULT_BATCH`); other sizes take the nearest probe's winner
 ROUNDS = 3  # interleaved: a drift on a shared machine hits every engine alike
 ROUND_SECONDS = 0.04  # per engine, probe and round (at least 2 calls; 5 at the CPU batch in fp32): a few seconds in all
-TUNING_REVISION = 4  # raised when how an engine is timed or decodes changes (2: NaN check off torch's pool; 3: settle; 4: no scan within the overflow-free radius, openvino writes into the result), so caches re-tune
+TUNING_REVISION = 5  # raised when how an engine is timed or decodes changes (2: NaN check off torch's pool; 3: settle; 4: no scan within the overflow-free radius, openvino writes into the result; 5: switch costs), so caches re-tune
+NEAR_TIE = 0.05  # an engine this much slower than the fastest at a probe may serve it, if that spares holding another engine
+SWITCH_CALLS = 5  # switches timed per pair of winners and probe; their median is kept
 Timings = dict[str, dict[int, float]]  # engine label ('ort fp32') -> probe batch -> median seconds per call
+Switches = dict[str, dict[str, dict[int, float]]]  # engine that ran -> engine called right after -> probe -> extra seconds
+
+
+@dataclass(frozen=True)
+class Tuned:
+    """What `auto` measured on this machine: each engine's time per call, and what each switch costs."""
+
+    timings: Timings
+    switches: Switches
 
 
 def engine_label(backend: str, precision: str) -> str:
@@ -67,28 +80,41 @@ def cache_path(key: Mapping[str, Any]) -> Path:
     return record_path("tuning", key)
 
 
-def save_timings(path: Path, key: Mapping[str, Any], timings: Timings) -> None:
-    save_record(path, key, timings)
+def save_tuning(path: Path, key: Mapping[str, Any], tuned: Tuned) -> None:
+    save_record(path, key, {"timings": tuned.timings, "switches": tuned.switches})
 
 
-def load_timings(path: Path, key: Mapping[str, Any]) -> Timings | None:
-    """The cached timings for `key`, or None (logged) when the file is missing, altered, incomplete, or from another machine or model.
+def load_tuning(path: Path, key: Mapping[str, Any]) -> Tuned | None:
+    """What was measured for `key`, or None (logged) when the file is missing, altered, incomplete, or from another machine or model.
 
     An engine of the key may be missing: it could not run on this machine when the timings were taken.
     """
     stored = load_record(path, key)
     try:
-        timings = {engine: {int(b): float(s) for b, s in per_batch.items()} for engine, per_batch in stored.items()}
-    except (AttributeError, ValueError, TypeError):
-        return None  # None itself, or not a table of numbers
-    complete = bool(timings) and set(timings) <= set(key["engines"]) and all(
+        timings = {engine: {int(b): float(s) for b, s in per_batch.items()} for engine, per_batch in stored["timings"].items()}
+        switches = {
+            before: {after: {int(p): float(s) for p, s in per_probe.items()} for after, per_probe in afters.items()}
+            for before, afters in stored["switches"].items()
+        }
+    except (AttributeError, ValueError, TypeError, KeyError):
+        return None  # None itself, or not tables of numbers
+    if not complete(timings, switches, key):
+        log.info("tuning cache %s does not time every engine at every probe and every switch; measuring again", path)
+        return None
+    return Tuned(timings, switches)
+
+
+def complete(timings: Timings, switches: Switches, key: Mapping[str, Any]) -> bool:
+    """Whether the tables hold a positive time for each engine of `key` (some may be missing) at every probe,
+    and a cost of zero or more for every switch between the winners, and nothing else."""
+    per_engine = bool(timings) and set(timings) <= set(key["engines"]) and all(
         sorted(per_batch) == sorted(key["probes"]) and all(math.isfinite(s) and s > 0 for s in per_batch.values())
         for per_batch in timings.values()
     )
-    if not complete:
-        log.info("tuning cache %s does not time every engine at every probe; measuring again", path)
-        return None
-    return timings
+    if not per_engine:
+        return False
+    costs = {(before, after, p): s for before, afters in switches.items() for after, per_probe in afters.items() for p, s in per_probe.items()}
+    return sorted(costs) == sorted(switch_points(timings)) and all(math.isfinite(s) and s >= 0 for s in costs.values())
 
 
 def measure(
@@ -120,25 +146,76 @@ def nearest_probe(batch: int, probes: list[int] | tuple[int, ...]) -> int:
     return min(probes, key=lambda p: (abs(math.log2(max(batch, 1)) - math.log2(p)), -p))
 
 
-def expected_seconds(timings: Timings, engine: str, batch: int) -> float:
-    """The engine's measured time per call at the probe nearest to `batch`."""
-    return timings[engine][nearest_probe(batch, sorted(timings[engine]))]
+def serving_engine(timings: Timings, batch: int) -> str:
+    """The engine that serves `batch`: the winner at the probe nearest to it."""
+    return winners(timings)[nearest_probe(batch, probes_of(timings))]
 
 
-def fastest(timings: Timings, batch: int) -> str:
-    """The engine with the lowest measured time at the probe nearest to `batch`."""
-    return min(sorted(timings), key=lambda engine: expected_seconds(timings, engine, batch))
+def probes_of(timings: Timings) -> list[int]:
+    return sorted(next(iter(timings.values())))
+
+
+def winners(timings: Timings) -> dict[int, str]:
+    """probe -> the engine that serves it: the fastest there, unless an engine within NEAR_TIE of it serves
+    other probes anyway. Each engine `auto` holds slows the others (their threads and caches share the
+    cores), so the fewest engines are chosen that come within NEAR_TIE of the fastest at every probe
+    (greedily: the one that covers most probes first, the quicker one on a tie)."""
+    probes = probes_of(timings)
+    near = {p: {e for e in timings if timings[e][p] <= (1 + NEAR_TIE) * min(t[p] for t in timings.values())} for p in probes}
+    chosen, uncovered = [], set(probes)
+    while uncovered:
+        engine = max(sorted(timings), key=lambda e: (sum(e in near[p] for p in uncovered), -sum(timings[e].values())))
+        chosen.append(engine)
+        uncovered -= {p for p in uncovered if engine in near[p]}
+    return {p: min((e for e in chosen if e in near[p]), key=lambda e: timings[e][p]) for p in probes}
+
+
+def switch_points(timings: Timings) -> list[tuple[str, str, int]]:
+    """(engine that ran, engine called right after it, probe): every switch `auto` can make, into each
+    probe's winner from another winner."""
+    won = winners(timings)
+    return [(before, after, probe) for probe, after in won.items() for before in sorted(set(won.values()) - {after})]
+
+
+def measure_switches(calls: Mapping[str, Callable[[torch.Tensor], Any]], timings: Timings, z_dim: int, repeats: int = SWITCH_CALLS) -> Switches:
+    """How much longer a winner's call takes when it starts right after another winner's call returned,
+    while that engine's threads still spin (`vae_rt.dispatch`): timed at each probe the second engine
+    wins, the first running at the smallest probe it wins itself."""
+    own_probe: dict[str, int] = {}
+    for probe, label in winners(timings).items():
+        own_probe.setdefault(label, probe)
+    latents = {probe: torch.randn(probe, z_dim, generator=torch.Generator().manual_seed(probe)) for probe in probes_of(timings)}
+    switches: Switches = {}
+    for before, after, probe in switch_points(timings):
+        taken = []
+        for _ in range(repeats):
+            calls[before](latents[own_probe[before]])
+            started = time.perf_counter()
+            calls[after](latents[probe])
+            taken.append(time.perf_counter() - started)
+        switches.setdefault(before, {}).setdefault(after, {})[probe] = max(0.0, _median(taken) - timings[after][probe])
+    return switches
 
 
 def explain(timings: Timings) -> str:
-    """One line: the winner at each probe batch and its lead over the runner-up, e.g. 'batch 1: ort fp32 (1.4x over ...)'."""
+    """One line: the engine serving each probe batch and its lead over the runner-up, e.g. 'batch 1: ort fp32 (24 us, 1.40x over ...)',
+    or how much faster the engine it stands in for was."""
     parts = []
-    for probe in sorted(next(iter(timings.values()))):
+    for probe, winner in winners(timings).items():
         ranked = sorted(timings, key=lambda engine: timings[engine][probe])
-        winner = ranked[0]
-        lead = f", {timings[ranked[1]][probe] / timings[winner][probe]:.2f}x over {ranked[1]}" if len(ranked) > 1 else ""
-        parts.append(f"batch {probe}: {winner} ({timings[winner][probe] * 1e6:.0f} us{lead})")
+        if ranked[0] != winner:
+            why = f", {timings[winner][probe] / timings[ranked[0]][probe]:.2f}x the time of {ranked[0]}, one engine fewer"
+        else:
+            why = f", {timings[ranked[1]][probe] / timings[winner][probe]:.2f}x over {ranked[1]}" if len(ranked) > 1 else ""
+        parts.append(f"batch {probe}: {winner} ({timings[winner][probe] * 1e6:.0f} us{why})")
     return "; ".join(parts)
+
+
+def explain_switches(switches: Switches) -> str:
+    """One line: what each switch cost when timed, e.g. 'ort fp32 -> openvino fp32 at batch 2048: +7800 us'."""
+    costs = [f"{before} -> {after} at batch {probe}: +{seconds * 1e6:.0f} us"
+             for before, afters in sorted(switches.items()) for after, per_probe in sorted(afters.items()) for probe, seconds in sorted(per_probe.items())]
+    return "; ".join(costs) or "none (one engine wins at every probe)"
 
 
 CPU_ENGINES = {  # precision -> the backends serving it on the CPU

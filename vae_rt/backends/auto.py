@@ -1,11 +1,12 @@
-"""`auto` on the CPU: several engines behind one backend, each batch decoded by the one measured fastest at its size.
+"""`auto` on the CPU: several engines behind one backend, each batch decoded by the one measured fastest at its size
+(or within 5 % of it, where that spares holding one engine more: `tuning.winners`).
 
 A Sampler then holds more than one engine, but only through this backend: it opens the engines the
 timing table names as winners (the rest are closed once measured) and keeps them open for its
 lifetime. `Sampler.decode` chunks large inputs at its batch size, so in practice one or two engines
 serve a sampler: one for its full batches and, maybe, another for a short last one. Which engine
-takes each call is `vae_rt.dispatch`'s business: the fastest at its size, unless another engine ran
-a moment ago and still occupies the cores.
+takes each call is `vae_rt.dispatch`'s business: the one tuned for its size, unless another engine
+ran a moment ago and still occupies the cores.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ Factory = Callable[[str, str], BaseBackend]  # (backend, precision) -> an unopen
 
 
 class AutoBackend(BaseBackend):
-    """Dispatches each `decode` to an engine the tuning run (or its cache) found fastest at some batch size."""
+    """Dispatches each `decode` to an engine the tuning run (or its cache) chose for some batch size."""
 
     name = "auto"
 
@@ -44,23 +45,23 @@ class AutoBackend(BaseBackend):
         self.timings: tuning.Timings = {}
         self.why = ""
         self._open_engines: dict[str, BaseBackend] = {}
-        self._dispatch = Dispatcher({})
+        self._dispatch = Dispatcher(tuning.Tuned({}, {}))
 
     def describe(self) -> str:
-        winners = [tuning.fastest(self.timings, probe) for probe in tuning.PROBE_BATCHES] if self.timings else []
+        winners = list(tuning.winners(self.timings).values()) if self.timings else []
         return "auto on cpu: " + (", ".join(dict.fromkeys(winners)) or "not tuned yet")
 
     def _open(self) -> None:
         path = tuning.cache_path(self._key)
-        timings = tuning.load_timings(path, self._key)
+        tuned = tuning.load_tuning(path, self._key)
         source = f"cached in {path}"
-        if timings is None:
-            timings = self._measure()
-            tuning.save_timings(path, self._key, timings)
+        if tuned is None:
+            tuned = self._measure()
+            tuning.save_tuning(path, self._key, tuned)
             source = f"measured now, cached in {path}"
-        self.timings = timings
-        self._dispatch = Dispatcher(timings)
-        winners = {tuning.fastest(timings, probe) for probe in tuning.PROBE_BATCHES}
+        self.timings = timings = tuned.timings
+        self._dispatch = Dispatcher(tuned)
+        winners = set(tuning.winners(timings).values())
         for label in list(self._open_engines):
             if label not in winners:
                 self._open_engines.pop(label).close()
@@ -68,10 +69,11 @@ class AutoBackend(BaseBackend):
             self._engine(label)
         left_out = sorted(set(self.labels) - set(timings))
         unavailable = f"; left out, unable to run here: {', '.join(left_out)}" if left_out else ""
-        self.why = f"per batch size, the fastest of {', '.join(sorted(timings))} ({source}): {tuning.explain(timings)}{unavailable}"
+        self.why = (f"per batch size, the fastest of {', '.join(sorted(timings))} ({source}): {tuning.explain(timings)}; "
+                    f"a switch right after another engine ran cost {tuning.explain_switches(tuned.switches)}{unavailable}")
 
-    def _measure(self) -> tuning.Timings:
-        """Time every engine that opens. One this machine cannot run (EngineUnavailable) is left out, and said
+    def _measure(self) -> tuning.Tuned:
+        """Time every engine that opens, then every switch between the winners. One this machine cannot run (EngineUnavailable) is left out, and said
         so; any other error (a full cache, MNIST missing) stops the run rather than be cached as a verdict."""
         notice.info("backend auto: timing %s on this machine (once; cached)", ", ".join(sorted(self.labels)))
         calls, refused = {}, []
@@ -83,7 +85,8 @@ class AutoBackend(BaseBackend):
                 notice.info("backend auto: %s cannot run here, left out (%s)", label, why)
         if not calls:
             raise EngineUnavailable("backend auto: no CPU engine can run this model here: " + "; ".join(refused))
-        return tuning.measure(calls, self.z_dim)
+        timings = tuning.measure(calls, self.z_dim)
+        return tuning.Tuned(timings, tuning.measure_switches(calls, timings, self.z_dim))
 
     def _engine(self, label: str) -> BaseBackend:
         if label not in self._open_engines:
@@ -105,5 +108,5 @@ class AutoBackend(BaseBackend):
         return images
 
     def engine_for(self, rows: int) -> str:
-        """The label of the engine fastest at a batch of `rows`: the one that decodes it unless another just ran."""
-        return self._dispatch.fastest(rows)
+        """The label of the engine tuned for a batch of `rows`: the one that decodes it unless another just ran."""
+        return self._dispatch.preferred(rows)
