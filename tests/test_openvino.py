@@ -36,6 +36,17 @@ def test_decodes_into_a_slice_of_a_larger_result(bundled):
     assert torch.equal(fresh, images[1:11])
 
 
+def test_threads_sharing_one_sampler_take_turns_on_its_one_request(bundled):
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = [draw_latents(rows, 2, seed=rows) for rows in (1, 64, 300, 1, 64, 300, 7, 2048)]
+    with open_sampler(bundled, "openvino", "fp32", "cpu") as sampler:
+        alone = [sampler.decode(z) for z in batches]
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(sampler.decode, batches * 4))
+    assert all(torch.equal(image, alone[i % len(batches)]) for i, image in enumerate(together))
+
+
 @pytest.mark.skipif(native_bf16(), reason="this CPU has native bf16; the refusal is for CPUs without it")
 def test_bf16_is_refused_in_one_line_without_native_bf16(bundled):
     with pytest.raises(UserError, match="^precision bf16: this CPU has no native bf16"):

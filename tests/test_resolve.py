@@ -16,9 +16,24 @@ def test_auto_prefers_onnx_runtime_on_the_cpu_and_says_why(monkeypatch):
     assert (name, device) == ("ort", "cpu") and "chose ort on cpu" in why
     monkeypatch.setattr(resolve_module, "available_providers", list)
     name, _, why = choose_backend("checkpoint", None, "cpu")
-    assert name == "torch" and "onnxruntime is not installed" in why
-    with pytest.raises(UserError, match="no backend can run"):
+    assert name in ("openvino", "torch") and "onnxruntime is not installed" in why
+    monkeypatch.setattr(resolve_module, "_installed", lambda module: False)
+    with pytest.raises(UserError, match="no backend can run.*openvino is not installed"):
         choose_backend("onnx", None, "cpu")
+
+
+def test_auto_on_an_onnx_file_serves_the_precision_asked_for_or_refuses(random_checkpoint):
+    from vae_rt.capabilities import native_bf16
+
+    fp16 = cached_onnx(random_checkpoint, "fp16")
+    for precision in ("fp32", "int8", "bf16"):
+        with pytest.raises(UserError, match=f"is an fp16 model, not {precision}"):
+            open_sampler(fp16, "auto", precision, "cpu")
+    with open_sampler(fp16, "auto", None, "cpu") as sampler:
+        assert sampler.backend.precision == "fp16"
+    if native_bf16() and resolve_module._installed("openvino"):  # bf16 from the fp32 file: openvino's hint
+        with open_sampler(cached_onnx(random_checkpoint, "fp32"), "auto", "bf16", "cpu") as sampler:
+            assert sampler.describe() == "openvino bf16 on cpu"
 
 
 def test_auto_on_a_machine_without_gpu_explains_the_skip():

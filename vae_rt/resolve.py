@@ -79,7 +79,9 @@ def cpu_auto_backend(path: Path, kind: str, precision: str | None) -> tuple[Base
 
     installed = {"torch"} | ({"ort"} if available_providers() else set()) | ({"openvino"} if _installed("openvino") else set())
     z_dim, stored = latent_size_and_precision(path, kind)
-    if stored != "fp32":
+    if stored != "fp32":  # the file holds one precision: that one, or a refusal, as every backend says
+        if precision not in (None, "auto", stored):
+            raise UserError(f"{path} is an {stored} model, not {precision}")
         precisions = [stored]
     elif precision == "auto" and kind != "checkpoint":
         log.info("precision auto: %s is not a checkpoint, and a reduced precision is judged through its encoder: fp32 only", path)
@@ -154,6 +156,8 @@ def choose_backend(kind: str, precision: str | None, device: str) -> tuple[str, 
     cpu_ort_reason = None if available_providers() else "onnxruntime is not installed (pip install 'vae-rt[cpu]')"
     if device != "cuda":  # "auto" falls back to the CPU; an explicit "cuda" never does
         candidates += [("ort", "cpu", cpu_ort_reason or no_bf16_onnx)]
+        openvino_reason = None if _installed("openvino") else "openvino is not installed (pip install 'vae-rt[cpu]')"
+        candidates += [("openvino", "cpu", openvino_reason or ("openvino serves fp32, bf16 and int8" if precision == "fp16" else None))]
         candidates += [("torch", "cpu", "an ONNX file cannot run on torch" if kind == "onnx" else no_torch_int8)]
     for name, dev, reason in candidates:
         if reason is None:

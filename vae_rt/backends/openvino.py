@@ -10,6 +10,7 @@ compiled model really runs is checked after compiling, never assumed.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,8 @@ class OpenVinoBackend(BaseBackend):
     """One compiled model with one infer request, run synchronously: the lowest-overhead call per batch.
 
     The model keeps the ONNX file's dynamic batch dimension, so any batch size runs on one compiled
-    model. Each call hands OpenVINO the latents' memory and the result's, which it writes into.
+    model. Each call hands OpenVINO the latents' memory and the result's, which it writes into. A lock
+    makes concurrent calls take turns: the one request refuses a second caller ("Infer Request is busy").
     """
 
     name = "openvino"
@@ -52,6 +54,7 @@ class OpenVinoBackend(BaseBackend):
         self.z_dim = z_dim
         self.threads = threads or torch.get_num_threads()  # the same cores torch and ort use: a fair comparison
         self._request = None
+        self._lock = threading.Lock()
         self._tensor: Any = None  # openvino.Tensor: openvino is imported by `_open`, not with this module
 
     def _open(self) -> None:
@@ -91,8 +94,9 @@ class OpenVinoBackend(BaseBackend):
         # be given its output first.
         images = out if out is not None else empty_images(rows, "cpu")
         try:
-            self._request.set_output_tensor(self._tensor(images.view(rows, self.x_dim).numpy(), shared_memory=True))
-            (written,) = self._request.infer(np.ascontiguousarray(z), share_inputs=True, share_outputs=True).to_tuple()
+            with self._lock:
+                self._request.set_output_tensor(self._tensor(images.view(rows, self.x_dim).numpy(), shared_memory=True))
+                (written,) = self._request.infer(np.ascontiguousarray(z), share_inputs=True, share_outputs=True).to_tuple()
         except Exception as err:
             raise engine_failure(self.describe(), err) from err
         # A graph that computes fewer rows or pixels than it declares shrinks the tensor and leaves the rest unwritten.
