@@ -1,6 +1,7 @@
 """The benchmark harness runs (one tiny iteration each), so it cannot rot; speed itself is not asserted here."""
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -115,6 +116,22 @@ def test_peers_are_timed_in_the_same_run():
     assert len(int8) == 1 and "runs no layer of decoder.dynamic-int8.onnx in int8" in int8[0].runs_on  # ORT's dynamic one
     bf16 = [r for r in rows if r.backend == "peer openvino" and r.precision == "bf16"]
     assert len(bf16) == 1 and (bf16[0].iterations or "no native bf16" in bf16[0].runs_on)
+
+
+def test_int8_peers_never_trust_an_unverified_file_in_the_cache(random_checkpoint, tmp_path, caplog):
+    pytest.importorskip("onnxruntime")
+    from vae_rt.peers import int8_model
+    from vae_rt.resolve import cached_onnx
+
+    fp32 = cached_onnx(random_checkpoint, "fp32")
+    beside = fp32.with_name(fp32.name.replace(".fp32.", ".int8."))
+    beside.write_bytes(fp32.read_bytes()[:5000])  # a truncated or foreign file where the int8 export would be
+    try:
+        with caplog.at_level(logging.WARNING, logger="vae_rt"):
+            assert int8_model(random_checkpoint, fp32, tmp_path) == tmp_path / "decoder.dynamic-int8.onnx"
+    finally:
+        beside.unlink()
+    assert any("cannot be used (its manifest is missing" in r.message for r in caplog.records)
 
 
 def test_bad_batch_sizes():

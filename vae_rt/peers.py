@@ -18,8 +18,10 @@ from typing import Any
 import torch
 
 from vae_rt.backends.openvino import int8_layers
+from vae_rt.cache import describe, onnx_entry_problem
 from vae_rt.capabilities import native_bf16, openvino_core
 from vae_rt.checkpoint import load_checkpoint
+from vae_rt.files import sha256_file
 from vae_rt.model import INPUT_NAME
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,7 @@ class Peer:
 
 def open_peers(names: tuple[str, ...], checkpoint: Path, onnx_fp32: Path, work_dir: Path) -> tuple[list[Peer], list[tuple[str, str, str]]]:
     """The peers in `names` that can run here, and (name, precision, why) for those that cannot."""
-    int8 = functools.cache(lambda: int8_model(onnx_fp32, work_dir))  # one file for both int8 peers, made once
+    int8 = functools.cache(lambda: int8_model(checkpoint, onnx_fp32, work_dir))  # one file for both int8 peers, made once
     makers = {
         "torch.compile": lambda: _torch_compile(checkpoint),
         "ort": lambda: _ort_session("fp32", onnx_fp32),
@@ -112,11 +114,15 @@ def _openvino(path: Path, precision: str) -> Peer:
     return Peer("peer openvino", PEERS[f"openvino-{precision}"][1], f"openvino CompiledModel on {path.name}, hint {hint}", prepare)
 
 
-def int8_model(onnx_fp32: Path, work_dir: Path) -> Path:
-    """The exported int8 ONNX beside the fp32 one when there is one, else ONNX Runtime's dynamic quantization of it."""
+def int8_model(checkpoint: Path, onnx_fp32: Path, work_dir: Path) -> Path:
+    """The cached int8 export of `checkpoint` beside its fp32 one, when there is one and it checks out
+    (`cache.onnx_entry_problem`), else ONNX Runtime's dynamic quantization of the fp32 file."""
     exported = onnx_fp32.with_name(onnx_fp32.name.replace(".fp32.onnx", ".int8.onnx"))
-    if exported.is_file() and exported != onnx_fp32:
-        return exported
+    if exported.exists() and exported != onnx_fp32:
+        problem = onnx_entry_problem(exported, sha256_file(checkpoint), "int8")
+        if problem is None:
+            return exported
+        log.warning("int8 peers: %s cannot be used (%s); quantizing dynamically instead", describe(exported), problem)
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantized = Path(work_dir) / "decoder.dynamic-int8.onnx"
