@@ -136,6 +136,15 @@ def test_eval_gates_a_backend_and_precision(mnist_dir):
     assert code == 0 and "PASS bf16 test loss" in output and "(limit +0.05, 300 test images) with torch bf16 on cpu" in output
 
 
+def test_eval_through_auto_judges_every_engine_it_holds_by_its_own_limit(mnist_dir):
+    code, output = run("eval", "--data-dir", mnist_dir, "--limit", 300, "--precision", "auto", "--device", "cpu")
+    judged = [line for line in output.splitlines() if line.startswith(("PASS", "FAIL"))]
+    assert code == 0 and len(judged) >= 1, output
+    for line in judged:  # fp32 has no loss limit (it is held to max abs); every reduced precision has one
+        assert line.startswith("PASS fp32") or "(limit +0." in line, line
+        assert " auto " not in line, line
+
+
 def test_manifold_and_eval_and_doctor(tmp_path, mnist_dir):
     code, output = run("manifold", "--grid", 5, "--out", tmp_path / "m.png")
     assert code == 0 and (tmp_path / "m.png").is_file(), output

@@ -107,6 +107,10 @@ class AutoBackend(BaseBackend):
         self._dispatch.ran(label, time.perf_counter())
         return images
 
+    def engines(self) -> list[BaseBackend]:
+        """The engines it holds open: those the tuning chose for some batch size."""
+        return list(self._open_engines.values())
+
     def engine_for(self, rows: int) -> str:
         """The label of the engine tuned for a batch of `rows`: the one that decodes it unless another just ran."""
         return self._dispatch.preferred(rows)
