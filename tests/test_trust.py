@@ -537,6 +537,19 @@ def test_weights_that_overflow_to_nan_images_fail_in_fp32_too(tmp_path, random_c
     assert_one_line_error(["eval", tmp_path / "huge.pth", "--limit", 100], "NaN/Inf images", code=1)
 
 
+@pytest.mark.parametrize("backend", ["torch", "ort"])
+def test_logits_that_overflow_to_saturated_images_are_refused_on_every_backend(tmp_path, random_checkpoint, backend):
+    """Infinite logits give exact 0/1 images, finite, so no NaN scan sees them: export refuses such a
+    decoder, and so does the torch backend that serves the same checkpoint."""
+    model, _ = load_checkpoint(random_checkpoint)
+    with torch.no_grad():
+        model.fc6.weight.fill_(3e38)  # ReLU inputs are >= 0: logits +inf, never inf - inf
+    save_checkpoint(tmp_path / "loud.pth", model)
+    code, output = run("sample", "--model", tmp_path / "loud.pth", "--backend", backend, "-n", 4, "--out", tmp_path / "x.npy")
+    assert code == 1 and "NaN/Inf from layer fc6_logits" in output and "Traceback" not in output, output
+    assert not (tmp_path / "x.npy").exists()
+
+
 @pytest.mark.parametrize("lie", [{"computed_width": 100}, {"one_row": True}], ids=["width-100", "one-row"])
 @pytest.mark.parametrize("backend", ["ort", "openvino"])
 def test_an_onnx_that_computes_another_shape_than_it_declares_fails_in_one_line(tmp_path, backend, lie):

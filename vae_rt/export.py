@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from vae_rt.errors import RuntimeFailure, UserError, require
 from vae_rt.evaluate import to_pixels
 from vae_rt.files import atomic_path, make_dir, sha256_file
 from vae_rt.model import INPUT_NAME, OUTPUT_NAME, VAE, Decoder
+from vae_rt.overflow import reference_peaks
 from vae_rt.parity import ParityReport, compare, parity_latents
 from vae_rt.quality import QualityGate, quality_gate
 
@@ -91,11 +91,7 @@ def export_onnx(
         raise UserError(f"name must be a plain file name (no folders: they go in out_dir), got {name!r}")
     source = Path(checkpoint) if checkpoint is not None else BUNDLED_CHECKPOINT
     model, _ = load_checkpoint(source)
-    peaks = activation_peaks(model, parity_latents(model.config.z_dim))
-    overflowing = [layer for layer, peak in peaks.items() if not math.isfinite(peak)]
-    if overflowing:  # the reference itself is NaN/Inf: no engine could agree with it, and none is to blame
-        raise RuntimeFailure(f"{source.name}: its fp32 decoder gives NaN/Inf from layer {overflowing[0]} on the check "
-                             "latents (normal draws and tail points; the weights overflow float32): nothing exported")
+    peaks = reference_peaks(model, source.name)
     out_dir = make_dir(out_dir, "out_dir")
     path = onnx_path_for(out_dir, name or source.stem, precision)
     train_pixels, test_pixels = (to_pixels(images) for images in load_mnist(data_dir)) if precision != "fp32" else (None, None)
@@ -210,14 +206,6 @@ def ort_cpu_decoder(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
 
     return decode
 
-
-@torch.no_grad()
-def activation_peaks(model: VAE, z: torch.Tensor) -> dict[str, float]:
-    """Largest |pre-activation| of each decoder layer in fp32: above 65504 an fp16 engine overflows."""
-    decoder = model.decoder()
-    names = [name for name, _ in decoder.named_children()]
-    names[-1] += "_logits"  # the manifest's key for the sigmoid's input
-    return {name: float(t.abs().max()) for name, t in zip(names, decoder.pre_activations(z), strict=True)}
 
 
 def _versions() -> dict[str, str]:

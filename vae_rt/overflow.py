@@ -17,10 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
+import torch
 from onnx import numpy_helper
 
+from vae_rt.errors import RuntimeFailure
+from vae_rt.parity import parity_latents
+
 if TYPE_CHECKING:
-    from vae_rt.model import Decoder
+    from vae_rt.model import VAE, Decoder
 
 # float32 and bfloat16 overflow above 3.4e38. The rounding of a 512-term fp32 sum, or of bf16 inputs and
 # weights, grows a bound by well under 1 % per layer; 1e30 leaves a factor of 1e8.
@@ -88,6 +92,26 @@ def decoder_radius(decoder: Decoder, precision: str) -> float:
         bound = bound.through(layer.weight.detach().double().cpu().numpy(), layer.bias.detach().double().cpu().numpy())
         bounds.append(bound)
     return safe_radius(bounds)
+
+
+@torch.no_grad()
+def activation_peaks(model: VAE, z: torch.Tensor) -> dict[str, float]:
+    """Largest |pre-activation| of each decoder layer in fp32: above 65504 an fp16 engine overflows."""
+    decoder = model.decoder()
+    names = [name for name, _ in decoder.named_children()]
+    names[-1] += "_logits"  # the manifest's key for the sigmoid's input
+    return {name: float(t.abs().max()) for name, t in zip(names, decoder.pre_activations(z), strict=True)}
+
+
+def reference_peaks(model: VAE, source: str) -> dict[str, float]:
+    """`activation_peaks` on the parity latents. Raises RuntimeFailure where the fp32 reference itself
+    gives NaN/Inf there: its images would be 0/1 or NaN, no engine could agree with it, and none is to blame."""
+    peaks = activation_peaks(model, parity_latents(model.config.z_dim))
+    overflowing = [layer for layer, peak in peaks.items() if not math.isfinite(peak)]
+    if overflowing:
+        raise RuntimeFailure(f"{source}: its fp32 decoder gives NaN/Inf from layer {overflowing[0]} on the check "
+                             "latents (normal draws and tail points; the weights overflow float32): refused")
+    return peaks
 
 
 def onnx_radius(path: Path, precision: str) -> float:

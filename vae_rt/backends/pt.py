@@ -11,7 +11,7 @@ from vae_rt.backends.graphs import GraphCache, capture_graph
 from vae_rt.checkpoint import load_checkpoint
 from vae_rt.errors import UserError
 from vae_rt.model import IMAGE_SHAPE, Decoder
-from vae_rt.overflow import decoder_radius
+from vae_rt.overflow import decoder_radius, reference_peaks
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -36,6 +36,7 @@ class TorchBackend(BaseBackend):
 
     def _open(self) -> None:
         model, _ = load_checkpoint(self.checkpoint)
+        reference_peaks(model, self.checkpoint.name if self.checkpoint else "the bundled model")  # as export refuses it
         self.z_dim = model.config.z_dim
         decoder = model.decoder()
         if self.device == "cpu":
