@@ -69,22 +69,35 @@ def mounted_tmpfs(path: Path, options: str) -> Iterator[bool]:
 # ---------------------------------------------------------------- 1. silent wrong answers
 
 
+ENDINGS = {  # the last nodes of a tiny decoder, from its logits "h" to "image": (op, inputs, output)
+    "sigmoid": [("Sigmoid", ["h"], "image")],
+    "sigmoid-flatten": [("Sigmoid", ["h"], "p"), ("Flatten", ["p"], "image")],
+    "reciprocal": [("Exp", ["h"], "e"), ("Add", ["one", "e"], "d"), ("Reciprocal", ["d"], "image")],
+    "div": [("Exp", ["h"], "e"), ("Add", ["e", "one"], "d"), ("Div", ["one", "d"], "image")],
+    "logits": [("Identity", ["h"], "image")],
+    "relu": [("Relu", ["h"], "image")],
+    "reciprocal-of-exp": [("Exp", ["h"], "e"), ("Reciprocal", ["e"], "image")],
+}
+
+
 def _tiny_onnx(path: Path, z_shape=("batch", 2), image_shape=("batch", 784), z_type=TensorProto.FLOAT, poison=False,
-               computed_width=None, one_row=False) -> Path:
+               computed_width=None, one_row=False, ending="sigmoid") -> Path:
     """A one-layer decoder written with onnx.helper (no exporter: fast), with the I/O it is told to have
     (and, given `computed_width` or `one_row`, a graph that computes images of that width, or one image
-    for the whole batch, whatever it declares)."""
+    for the whole batch, whatever it declares), ending in `ending` (a key of `ENDINGS`)."""
     weight = np.full((z_shape[1], computed_width or image_shape[1]), 0.01, np.float32)
     if poison:
         weight[0, 0] = np.nan
     nodes = [helper.make_node("Cast", ["z"], ["z32"], to=TensorProto.FLOAT), helper.make_node("MatMul", ["z32", "W"], ["h"])]
     if one_row:
         nodes.append(helper.make_node("ReduceMean", ["h", "axis0"], ["h_mean"], keepdims=1))
-    nodes.append(helper.make_node("Sigmoid", ["h_mean" if one_row else "h"], ["image"]))
+    nodes += [helper.make_node(op, [{"h": "h_mean" if one_row else "h"}.get(i, i) for i in inputs], [output])
+              for op, inputs, output in ENDINGS[ending]]
     graph = helper.make_graph(
         nodes, "tiny", [helper.make_tensor_value_info("z", z_type, list(z_shape))],
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, list(image_shape))],
-        [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(np.array([0], np.int64), "axis0")],
+        [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+         numpy_helper.from_array(np.array(1, np.float32), "one")],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
     return path
@@ -114,6 +127,23 @@ def test_onnx_whose_io_does_not_fit_is_refused_at_open_saying_what_it_has_and_ne
     message = str(caught.value)
     assert has in message and "needed float [batch, z_dim] and float [batch, 784], batch a dynamic axis" in message
     assert_one_line_error(["sample", "--model", path, "-n", 4, "--out", tmp_path / "s.npy"], has)
+    assert not (tmp_path / "s.npy").exists()
+
+
+@pytest.mark.parametrize("ending", ["sigmoid-flatten", "reciprocal", "div"])
+def test_onnx_whose_output_is_a_sigmoid_written_another_way_opens(tmp_path, ending):
+    with OrtBackend(_tiny_onnx(tmp_path / "ok.onnx", ending=ending), device="cpu") as backend:
+        images = backend.decode(torch.randn(3, 2) * 100)
+    assert images.min() >= 0 and images.max() <= 1
+
+
+@pytest.mark.parametrize("ending, source", [("logits", "a MatMul node"), ("relu", "a Relu node"), ("reciprocal-of-exp", "a Reciprocal node")])
+def test_onnx_whose_output_is_not_a_sigmoid_is_refused_at_open(tmp_path, ending, source):
+    """Logits or any other values outside [0, 1] would be served as images: uint8 pixels would wrap around."""
+    path = _tiny_onnx(tmp_path / "logits.onnx", ending=ending)
+    with pytest.raises(OnnxModelError, match=f"its output 'image' comes from {source}, not a sigmoid"):
+        OrtBackend(path, device="cpu")
+    assert_one_line_error(["sample", "--model", path, "-n", 4, "--dtype", "uint8", "--out", tmp_path / "s.npy"], "not a sigmoid")
     assert not (tmp_path / "s.npy").exists()
 
 

@@ -67,7 +67,7 @@ def inspect_onnx(path: Path) -> tuple[int, int, str]:
 
     The precision is that of its weights: fp16 or int8 initializers mean an fp16 or int8 model (its
     I/O stays float32). Refused: I/O of other names, types or shapes (a fixed batch included), weights
-    with NaN or Inf.
+    with NaN or Inf, an output that is not a sigmoid (images must be probabilities in [0, 1]).
     """
     path = Path(path)
     if not path.is_file():
@@ -100,9 +100,46 @@ def inspect_onnx(path: Path) -> tuple[int, int, str]:
         bad = int((~np.isfinite(numpy_helper.to_array(tensor))).sum()) if tensor.data_type in FLOAT_TYPES else 0
         if bad:
             raise OnnxModelError(f"{path}: weight '{tensor.name}' has {bad} NaN/Inf value{'s' if bad > 1 else ''}; the weights are damaged")
+    source = _output_source(graph)
+    if source is not None:
+        raise OnnxModelError(f"{path}: its output '{OUTPUT_NAME}' comes from {source}, not a sigmoid; vae-rt serves "
+                             "pixel probabilities in [0, 1] (a decoder that ends in logits needs a Sigmoid node)")
     weight_types = {t.data_type for t in graph.initializer}
     precision = next((name for kind, name in WEIGHT_PRECISIONS if kind in weight_types), "fp32")
     return z_shape[1], image_shape[1], precision
+
+
+VALUE_KEEPING_OPS = {"Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}  # type or shape only
+
+
+def _output_source(graph: onnx.GraphProto) -> str | None:
+    """None when the output is a sigmoid: a Sigmoid node, or 1 / (1 + exp(x)) as vae-rt's fp16 and int8
+    files write it (an fp32 sigmoid after an fp16 cast), maybe followed by casts and reshapes; else what computes it."""
+    producers = {name: node for node in graph.node for name in node.output}
+    ones = {t.name for t in graph.initializer if _all_ones(numpy_helper.to_array(t))}
+    ones |= {node.output[0] for node in graph.node if node.op_type == "Constant" and node.attribute
+             and node.attribute[0].name == "value" and _all_ones(numpy_helper.to_array(node.attribute[0].t))}
+
+    def made_by(name: str, op: str) -> onnx.NodeProto | None:
+        node = producers.get(name)
+        return node if node is not None and node.op_type == op and node.domain in ("", "ai.onnx") else None
+
+    def one_plus_exp(name: str) -> bool:  # 1 + exp(x) >= 1, so its reciprocal is in (0, 1]
+        add = made_by(name, "Add")
+        return add is not None and sorted((a in ones, made_by(a, "Exp") is not None) for a in add.input) == [(False, True), (True, False)]
+
+    name = OUTPUT_NAME
+    while (node := producers.get(name)) is not None and node.op_type in VALUE_KEEPING_OPS and node.domain in ("", "ai.onnx"):
+        name = node.input[0]
+    reciprocal, div = made_by(name, "Reciprocal"), made_by(name, "Div")
+    if (made_by(name, "Sigmoid") or (reciprocal and one_plus_exp(reciprocal.input[0]))
+            or (div and div.input[0] in ones and one_plus_exp(div.input[1]))):
+        return None
+    return f"a {node.op_type} node" if node is not None else "no node (an input or a weight)"
+
+
+def _all_ones(array: np.ndarray) -> bool:
+    return array.size > 0 and bool((array == 1).all())
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
