@@ -110,3 +110,24 @@ def test_what_it_never_serves_is_refused_before_anything_is_exported(bundled, tm
     with pytest.raises(UserError, match="runs on the CPU only|torch sees no CUDA GPU"):
         open_sampler(bundled, "openvino", "int8", "cuda")
     assert not (tmp_path / "onnx").exists()
+
+
+def test_a_file_openvino_cannot_compile_is_one_line_with_its_reason_not_its_source_locations(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vae_rt.backends.openvino import OpenVinoBackend
+    from vae_rt.errors import EngineUnavailable
+
+    nodes = [helper.make_node("MatMul", ["z", "W"], ["h"]), helper.make_node("Frobnicate", ["h"], ["q"]),
+             helper.make_node("Sigmoid", ["q"], ["image"])]
+    graph = helper.make_graph(nodes, "unknown-op", [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 2])],
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 784])],
+                              [numpy_helper.from_array(np.ones((2, 784), np.float32), "W")])
+    path = tmp_path / "unknown-op.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    with pytest.raises(EngineUnavailable) as caught:
+        OpenVinoBackend(path).open()
+    message = str(caught.value)
+    assert "Frobnicate" in message and "src/" not in message and "\n" not in message, message

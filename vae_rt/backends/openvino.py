@@ -74,7 +74,7 @@ class OpenVinoBackend(BaseBackend):
         try:
             compiled = core.compile_model(str(self.onnx_path), "CPU", config)
         except RuntimeError as err:
-            raise EngineUnavailable(f"{self.onnx_path}: openvino cannot compile it: {str(err).splitlines()[0]}") from err
+            raise EngineUnavailable(f"{self.onnx_path}: openvino cannot compile it: {openvino_reason(err)}") from err
         actual = compiled.get_property(hints.inference_precision)
         if actual != wanted:
             raise EngineUnavailable(f"precision {self.precision}: openvino compiled the model in {actual}, not {wanted}")
@@ -98,7 +98,7 @@ class OpenVinoBackend(BaseBackend):
                 self._request.set_output_tensor(self._tensor(images.view(rows, self.x_dim).numpy(), shared_memory=True))
                 (written,) = self._request.infer(np.ascontiguousarray(z), share_inputs=True, share_outputs=True).to_tuple()
         except Exception as err:
-            raise engine_failure(self.describe(), err) from err
+            raise engine_failure(self.describe(), RuntimeError(openvino_reason(err))) from err
         # A graph that computes fewer rows or pixels than it declares shrinks the tensor and leaves the rest unwritten.
         check_output_shape(self.describe, rows, self.x_dim, written.shape)
         return images
@@ -110,6 +110,13 @@ def check_request(precision: str | None, device: str) -> None:
         raise UserError(f"backend openvino runs on the CPU only, not on {device}")
     if precision is not None and precision not in OPENVINO_ONNX_FOR_PRECISION:
         raise UserError(f"backend openvino serves {', '.join(OPENVINO_ONNX_FOR_PRECISION)}, not {precision}")
+
+
+def openvino_reason(err: Exception) -> str:
+    """OpenVINO's message without the source locations it stacks above it ("Exception from src/...:132:", "Check 'x' failed at ...")."""
+    lines = [line.strip() for line in str(err).splitlines()]
+    reason = [line for line in lines if line and not line.startswith(("Exception from src/", "Check '"))]
+    return " ".join(reason) or " ".join(lines)
 
 
 def int8_layers(runtime_model: Any) -> list[str]:
