@@ -8,7 +8,9 @@ import torch
 import typer
 from cli_runner import assert_one_line_error, run
 
+from vae_rt.capabilities import native_bf16
 from vae_rt.cli import app
+from vae_rt.machine import cpu_model
 
 pytest.importorskip("onnxruntime")
 
@@ -152,6 +154,8 @@ def test_manifold_and_eval_and_doctor(tmp_path, mnist_dir):
     assert code == 0 and "test loss per image" in output and "-log p(x), 50 importance samples" in output, output
     code, output = run("doctor")
     assert code == 0 and "onnxruntime" in output and "CPUExecutionProvider" in output
+    assert f"native bf16: {'yes' if native_bf16() else 'no'}" in output or "openvino               not installed" in output, output
+    assert f"CPU                    {cpu_model()}" in output, output
 
 
 @pytest.mark.parametrize(
