@@ -77,6 +77,9 @@ INTERRUPTED = "the file being written was removed; files already finished are ke
 ModelOption = Annotated[
     Path | None, typer.Option("--model", help="Checkpoint (.pth), ONNX file or TensorRT plan; default: the bundled model.")
 ]
+CheckpointOption = Annotated[  # commands that run the torch fp32 reference beside the engines
+    Path | None, typer.Option("--model", help="Checkpoint (.pth): the torch fp32 reference runs beside the engines; default: the bundled model.")
+]
 # Literal[<tuple>] is Literal[<each value>]: typer offers exactly the library's choices, as plain strings.
 BackendOption = Annotated[Literal[BACKEND_CHOICES], typer.Option(help="Which engine decodes.")]  # type: ignore[valid-type]
 PrecisionOption = Annotated[
@@ -372,7 +375,7 @@ def manifold(
 @app.command()
 @handle_errors
 def compare(
-    model: ModelOption = None,
+    model: CheckpointOption = None,
     backends: Annotated[str, typer.Option(help="Comma-separated backends to check.")] = "torch,ort,openvino,trt",
     precisions: Annotated[str, typer.Option(help="Comma-separated precisions to check.")] = "fp32,fp16,bf16,int8",
     device: DeviceOption = "auto",
@@ -422,7 +425,7 @@ def compare(
 @app.command()
 @handle_errors
 def bench(
-    model: ModelOption = None,
+    model: CheckpointOption = None,
     backends: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(BACKEND_CHOICES)}.")] = ",".join(BACKEND_CHOICES),
     precisions: Annotated[
         str, typer.Option(help=f"Comma-separated: {', '.join(PRECISION_CHOICES)} (auto: backend auto's gated choice).")
