@@ -114,6 +114,8 @@ def test_peers_are_timed_in_the_same_run():
     assert {("peer ort", "fp32"), ("peer openvino", "fp32"), ("peer ort", "int8"), ("auto", "fp32")} <= timed
     for row in (r for r in rows if r.iterations):  # no int8 limit is timed: no share of fp32's
         assert (row.pct_of_peak is None) == (row.precision == "int8"), row
+    (auto,) = [r for r in rows if r.backend == "auto"]  # named after the engine that decoded its batch, its limit that engine's
+    assert auto.computes_in == "fp32" and auto.runs_on.startswith("auto on cpu: ") and auto.runs_on.endswith(" fp32 at this batch")
     int8 = [r for r in rows if r.backend == "peer openvino" and r.precision == "int8"]  # no exported int8 file here:
     assert len(int8) == 1 and "runs no layer of decoder.dynamic-int8.onnx in int8" in int8[0].runs_on  # ORT's dynamic one
     bf16 = [r for r in rows if r.backend == "peer openvino" and r.precision == "bf16"]

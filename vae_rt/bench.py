@@ -22,13 +22,14 @@ from typing import Any
 
 import torch
 
+from vae_rt.backends.auto import AutoBackend
 from vae_rt.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
 from vae_rt.errors import UserError
 from vae_rt.limits import MAX_BATCH, MAX_BENCH_DURATION
 from vae_rt.machine import cpu_isa, cpu_model
 from vae_rt.peers import open_peers
 from vae_rt.resolve import cached_onnx
-from vae_rt.sampler import draw_latents, open_sampler
+from vae_rt.sampler import Sampler, draw_latents, open_sampler
 from vae_rt.timing import SETTLE_SECONDS, Timing, time_calls
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class BenchRow:
     gflops: float
     vs_torch_eager: float | None = None
     pct_of_peak: float | None = None
+    computes_in: str | None = None  # auto rows: the precision of the engine that decoded this batch (set for "% of peak")
     compute_p50_ms: float | None = None  # GPU only: z already on the device, images left there
     notes: list[str] = field(default_factory=list)
 
@@ -180,7 +182,8 @@ def run_benchmarks(
         except UserError as error:
             rows.append(_skipped(backend, precision, device, str(error)))
     reference = reference_decoder(checkpoint)
-    matmuls = _matmul_calls(limit_shapes(checkpoint, batch_sizes), {precision for _, precision, _ in targets})
+    held = {engine.precision for s in samplers if isinstance(s.backend, AutoBackend) for engine in s.backend.engines()}
+    matmuls = _matmul_calls(limit_shapes(checkpoint, batch_sizes), {precision for _, precision, _ in targets} | held)
     matmul_latencies: dict[tuple[str, tuple[int, int, int]], list[float]] = {key: [] for key in matmuls}
     work_dir = tempfile.TemporaryDirectory(prefix="vae-rt-peers-")
     opened_peers, skipped_peers = open_peers(peers, checkpoint, cached_onnx(checkpoint, "fp32"), Path(work_dir.name)) if peers else ([], [])
@@ -205,9 +208,7 @@ def run_benchmarks(
                     matmul_latencies[key] += time_calls(matmul, warmup=0.0, min_duration=0.0, min_iterations=1).latencies
             eager = _row(REFERENCE, "fp32", "cpu", batch, "torch fp32 eager (nn.Module, no_grad)", Timing(latencies[0]), flop)
             batch_rows = [eager] + [
-                _row(s.backend.name if not s.chosen_because else "auto", s.backend.precision, s.backend.device, batch,
-                     s.describe(), Timing(collected), flop)
-                for s, collected in zip(samplers, latencies[1:])
+                _sampler_row(s, batch, Timing(collected), flop) for s, collected in zip(samplers, latencies[1:])
             ] + [
                 _row(peer.name, peer.precision, "cpu", batch, peer.runs_on, Timing(collected), flop)
                 for peer, collected in zip(opened_peers, latencies[1 + len(samplers):])
@@ -231,8 +232,9 @@ def run_benchmarks(
     for row in rows:
         if row.iterations:
             # bf16 rows against the bf16 limit, fp32 and fp16 (upcast on the CPU) against fp32's; no int8 limit is timed
-            if row.device == "cpu" and row.precision != "int8":
-                row.pct_of_peak = 100 * row.gflops / limits.get(row.precision, limits["fp32"])
+            computes_in = row.computes_in or row.precision
+            if row.device == "cpu" and computes_in != "int8":
+                row.pct_of_peak = 100 * row.gflops / limits.get(computes_in, limits["fp32"])
             if row.cv > NOISY_CV:
                 row.notes.append(f"noisy: CV {row.cv:.0%} > {NOISY_CV:.0%}; close other programs or raise --duration")
     return rows, limits
@@ -257,6 +259,18 @@ def _row(backend: str, precision: str, device: str, batch: int, runs_on: str, ti
         p99_ms=timing.percentile(99) * 1e3, cv=timing.cv, iterations=len(timing.latencies),
         gflops=batch * flop / p50 / 1e9,
     )
+
+
+def _sampler_row(sampler: Sampler, batch: int, timing: Timing, flop: int) -> BenchRow:
+    """A vae-rt row; for the CPU `auto`, named after the engine that decoded this batch (its chunks, at most the batch size)."""
+    backend = sampler.backend
+    if not isinstance(backend, AutoBackend):
+        name = backend.name if not sampler.chosen_because else "auto"
+        return _row(name, backend.precision, backend.device, batch, sampler.describe(), timing, flop)
+    label = backend.engine_for(min(batch, sampler.batch_size))
+    row = _row("auto", backend.precision, "cpu", batch, f"auto on cpu: {label} at this batch", timing, flop)
+    row.computes_in = backend.labels[label][1]
+    return row
 
 
 def _skipped(backend: str, precision: str, device: str, why: str) -> BenchRow:
