@@ -80,8 +80,10 @@ def test_rows_measure_each_target_against_the_eager_reference(monkeypatch):
     def fake_sampler(checkpoint, backend, precision, device):
         if backend == "trt":
             raise UserError("TensorRT is not installed")
+        engine = SimpleNamespace(name=backend, precision=precision, device=device)
+        engine.engines = lambda: [engine]
         return SimpleNamespace(decode=clock.decode_taking(0.004), describe=lambda: "slow fake", chosen_because=None,
-                               backend=SimpleNamespace(name=backend, precision=precision, device=device), close=lambda: None)
+                               backend=engine, close=lambda: None)
 
     monkeypatch.setattr(bench_module, "open_sampler", fake_sampler)
     rows, _ = run_benchmarks([("ort", "fp32", "cpu"), ("trt", "fp16", "cuda")], [1, 8], min_duration=0.0)

@@ -126,7 +126,10 @@ def _output_source(graph: onnx.GraphProto) -> str | None:
 
     def one_plus_exp(name: str) -> bool:  # 1 + exp(x) >= 1, so its reciprocal is in (0, 1]
         add = made_by(name, "Add")
-        return add is not None and sorted((a in ones, made_by(a, "Exp") is not None) for a in add.input) == [(False, True), (True, False)]
+        if add is None or len(add.input) != 2:
+            return False
+        a, b = add.input
+        return (a in ones and made_by(b, "Exp") is not None) or (b in ones and made_by(a, "Exp") is not None)
 
     name = OUTPUT_NAME
     while (node := producers.get(name)) is not None and node.op_type in VALUE_KEEPING_OPS and node.domain in ("", "ai.onnx"):

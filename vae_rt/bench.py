@@ -182,8 +182,8 @@ def run_benchmarks(
         except UserError as error:
             rows.append(_skipped(backend, precision, device, str(error)))
     reference = reference_decoder(checkpoint)
-    held = {engine.precision for s in samplers if isinstance(s.backend, AutoBackend) for engine in s.backend.engines()}
-    matmuls = _matmul_calls(limit_shapes(checkpoint, batch_sizes), {precision for _, precision, _ in targets} | held)
+    computed_in = {engine.precision for s in samplers for engine in s.backend.engines()}
+    matmuls = _matmul_calls(limit_shapes(checkpoint, batch_sizes), computed_in)
     matmul_latencies: dict[tuple[str, tuple[int, int, int]], list[float]] = {key: [] for key in matmuls}
     work_dir = tempfile.TemporaryDirectory(prefix="vae-rt-peers-")
     opened_peers, skipped_peers = open_peers(peers, checkpoint, cached_onnx(checkpoint, "fp32"), Path(work_dir.name)) if peers else ([], [])

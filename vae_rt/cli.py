@@ -240,15 +240,13 @@ def evaluate(
 def _evaluate_decoder(model: VAE, checkpoint: Path | None, backend: str, precision: str | None, device: str,
                       pixels: torch.Tensor, seed: int) -> None:
     """`eval --backend/--precision`: the test loss through that decoder against fp32's (gated where it has a limit)."""
-    from vae_rt.backends.auto import AutoBackend
     from vae_rt.quality import quality_gate
     from vae_rt.sampler import open_sampler
 
     failed = []
     with open_sampler(checkpoint, backend, precision, device) as sampler:
         # auto decodes each batch size on its own engine, maybe in its own precision: each is judged by its own limit
-        engines = sampler.backend.engines() if isinstance(sampler.backend, AutoBackend) else [sampler.backend]
-        for engine in engines:
+        for engine in sampler.backend.engines():
             gate = quality_gate(model, engine.decode, engine.precision, pixels, seed)
             out.print(f"{gate.summary()} with {engine.describe()}")
             if not gate:

@@ -207,7 +207,6 @@ def ort_cpu_decoder(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     return decode
 
 
-
 def _versions() -> dict[str, str]:
     versions = {"vae_rt": __version__, "torch": torch.__version__, "onnx": onnx.__version__}
     try:

@@ -49,6 +49,10 @@ class BaseBackend:
         """What really runs, e.g. 'ort fp32 on CPUExecutionProvider'."""
         return f"{self.name} {self.precision} on {self.device}"
 
+    def engines(self) -> list[BaseBackend]:
+        """The engines that decode for it, each in its own precision: itself (auto: those it holds)."""
+        return [self]
+
     def open(self) -> BaseBackend:
         if not self.is_open:
             self._open()
