@@ -126,6 +126,24 @@ def test_compare_reports_every_pair(tmp_path):
     assert output.count("PASS") >= 3 and "skipped" in output  # trt cannot run here
 
 
+def test_compare_shows_a_pair_whose_export_fails_as_a_fail_row_beside_the_others(monkeypatch):
+    import vae_rt.compare
+    from vae_rt.errors import RuntimeFailure
+
+    def open_sampler(model, backend, precision, device):
+        if precision == "int8":
+            raise RuntimeFailure("the int8 export of model.pth not written: quality gate FAIL int8 test loss +1.175 nats")
+        return real_open_sampler(model, backend, precision, device)
+
+    real_open_sampler = vae_rt.compare.open_sampler
+    monkeypatch.setattr(vae_rt.compare, "open_sampler", open_sampler)
+    code, output = run("compare", "--backends", "ort", "--precisions", "fp32,int8", "-n", 10, "--no-quality")
+    assert code == 1, output
+    (int8_row,) = [line for line in output.splitlines() if "│ int8" in line]
+    assert output.count("PASS") == 1 and "FAIL" in int8_row and "Traceback" not in output
+    assert "failed ort int8: the int8 export of model.pth not written: quality gate FAIL" in output
+
+
 def test_compare_without_mnist_names_the_way_to_pixel_errors_alone(tmp_path):
     assert_one_line_error(["compare", "--backends", "torch", "--precisions", "fp32", "-n", 10, "--data-dir", tmp_path],
                           str(tmp_path), "--no-quality")

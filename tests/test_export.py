@@ -119,3 +119,44 @@ def test_onnx_with_other_names_is_rejected(tmp_path):
     torch.onnx.export(torch.nn.Linear(2, 784).eval(), (torch.zeros(1, 2),), str(path), input_names=["x"], output_names=["y"])
     with pytest.raises(OnnxModelError, match="expected one input 'z'"):
         inspect_onnx(path)
+
+
+def test_a_failed_precision_leaves_the_folder_as_it_was(random_checkpoint, tutorial_state_dict, tmp_path, monkeypatch):
+    import vae_rt.export
+    from vae_rt.build import export_artifacts
+    from vae_rt.errors import UserError
+
+    export_artifacts(random_checkpoint, tmp_path, ["fp32"], name="model", engine=False)
+    before = {p.name: sha256_file(p) for p in tmp_path.iterdir()}
+
+    def broken_int8(*args):
+        raise RuntimeFailure("model.int8.onnx not written: quality gate FAIL")
+
+    monkeypatch.setattr(vae_rt.export, "_export_int8", broken_int8)  # after fp16 passed, in the same run
+    small_mnist = tuple(images[:512] for images in vae_rt.export.load_mnist(None))  # fp16's gate on 512 test images: quicker
+    monkeypatch.setattr(vae_rt.export, "load_mnist", lambda data_dir: small_mnist)
+    with pytest.raises(RuntimeFailure, match="quality gate"):
+        export_artifacts(tutorial_state_dict, tmp_path, ["fp32", "fp16", "int8"], name="model", engine=False)
+    monkeypatch.undo()
+    monkeypatch.setenv("VAE_RT_MNIST_DIR", str(tmp_path / "no-mnist-here"))  # fails before fp32 is exported
+    with pytest.raises(UserError, match="MNIST"):
+        export_artifacts(tutorial_state_dict, tmp_path, ["fp32", "int8"], name="model", engine=False)
+    assert {p.name: sha256_file(p) for p in tmp_path.iterdir()} == before  # fp32 kept, no fp16 added, no staging left
+
+
+def test_a_served_onnx_must_match_its_manifest(exported, tmp_path):
+    from vae_rt.errors import UserError
+    from vae_rt.resolve import artifact_kind
+
+    onnx_copy = tmp_path / exported["fp32"].path.name
+    onnx_copy.write_bytes(exported["fp32"].path.read_bytes())
+    assert artifact_kind(onnx_copy) == "onnx"  # no manifest: a file from elsewhere, served as it is
+    manifest = tmp_path / exported["fp32"].manifest_path.name
+    manifest.write_bytes(exported["fp32"].manifest_path.read_bytes())
+    assert artifact_kind(onnx_copy) == "onnx"
+    onnx_copy.write_bytes(exported["fp16"].path.read_bytes())  # replaced after export
+    with pytest.raises(UserError, match="sha256 differs"):
+        artifact_kind(onnx_copy)
+    manifest.write_text("{garbage")
+    with pytest.raises(UserError, match="unreadable or malformed"):
+        artifact_kind(onnx_copy)

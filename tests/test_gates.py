@@ -90,6 +90,31 @@ def test_a_gate_that_cannot_be_computed_leaves_the_engine_out_and_is_tried_again
     assert calls == ["int8", "int8"]  # nothing was cached
 
 
+def test_without_a_test_set_the_engines_left_out_are_named_once_as_a_warning(bundled, engines_made, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("VAE_RT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("VAE_RT_MNIST_DIR", str(tmp_path / "no-mnist"))
+    make, made = engines_made
+    with caplog.at_level(logging.WARNING, logger="vae_rt"):
+        kept, lines = gates.passing_engines(ENGINES, make, bundled, sha256_file(bundled))
+    assert kept == [("ort", "fp32")] and made == [] and all("not judged: MNIST folder" in line for line in lines)
+    (warning,) = [r.message for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith("precision auto: ort int8, torch bf16 left out, as their quality gate cannot run here")
+
+
+def test_a_malformed_verdict_with_a_valid_checksum_is_judged_again(bundled, engines_made, tmp_path, monkeypatch):
+    from vae_rt.cache import save_record
+
+    monkeypatch.setenv("VAE_RT_CACHE_DIR", str(tmp_path))
+    make, made = engines_made
+    gates.passing_engines(ENGINES, make, bundled, sha256_file(bundled))
+    (record,) = (tmp_path / "gates").iterdir()
+    stored = json.loads(record.read_text())
+    save_record(record, stored["key"], {"ort int8": {"passed": True}, "torch bf16": "PASS"})  # re-checksummed, not verdicts
+    made.clear()
+    kept, _ = gates.passing_engines(ENGINES, make, bundled, sha256_file(bundled))
+    assert sorted(made) == ["ort int8", "torch bf16"] and ("torch", "bf16") not in kept
+
+
 def test_precision_auto_on_the_cpu_runs_int8_only_after_its_gate_and_says_so(bundled, caplog):
     pytest.importorskip("onnxruntime")
     with caplog.at_level(logging.INFO, logger="vae_rt"), open_sampler(bundled, "auto", "auto", "cpu") as sampler:

@@ -51,7 +51,7 @@ def test_sample_killed_mid_write_leaves_no_file_under_the_final_name(tmp_path):
 def test_export_killed_mid_write_leaves_no_file_under_the_final_name(tmp_path, random_checkpoint):
     proc = _start(["export", random_checkpoint, "--out-dir", "out", "--precision", "fp32", "--no-engine"], tmp_path)
     try:
-        assert _wait_for(lambda: any((tmp_path / "out").glob(".random.fp32.onnx.*.tmp")), timeout=60)
+        assert _wait_for(lambda: any((tmp_path / "out").glob(".vae-rt-staging.*/.random.fp32.onnx.*.tmp")), timeout=60)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     finally:

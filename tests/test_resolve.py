@@ -88,3 +88,16 @@ def test_trt_without_tensorrt_names_what_to_install(random_checkpoint):
         open_sampler(random_checkpoint, "trt")
     assert reason in str(info.value) and ("pip install 'vae-rt[gpu]'" in reason or "no CUDA GPU" in reason)
 
+
+
+def test_a_failed_cached_export_is_named_by_the_checkpoint_not_the_cache_entry(tutorial_state_dict, monkeypatch):
+    import vae_rt.resolve
+    from vae_rt.errors import RuntimeFailure
+
+    def export_onnx(checkpoint, out_dir, precision, name):
+        raise RuntimeFailure(f"{name}.{precision}.onnx not written: quality gate FAIL int8 test loss +1.2 nats")
+
+    monkeypatch.setattr(vae_rt.resolve, "export_onnx", export_onnx)
+    with pytest.raises(RuntimeFailure) as failure:
+        cached_onnx(tutorial_state_dict, "int8")
+    assert str(failure.value) == "the int8 export of checkpoint_8.pth not written: quality gate FAIL int8 test loss +1.2 nats"

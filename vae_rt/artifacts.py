@@ -17,7 +17,7 @@ import onnx
 from onnx import numpy_helper
 
 from vae_rt.errors import UserError
-from vae_rt.files import write_atomic
+from vae_rt.files import sha256_file, write_atomic
 from vae_rt.model import INPUT_NAME, OUTPUT_NAME, X_DIM
 
 EXPORT_REVISION = 3  # raised whenever the exported graph changes (2: fp32 sigmoid in fp16/int8; 3: fp32 first layer in fp16), so caches re-export
@@ -46,6 +46,20 @@ def read_manifest(artifact: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return manifest if isinstance(manifest, dict) else None
+
+
+def manifest_mismatch(artifact: Path) -> str | None:
+    """Why `artifact` is not the file its manifest describes; None when it is, or when it has no manifest
+    (a file from elsewhere, served as it is)."""
+    manifest_path = manifest_path_for(artifact)
+    if not manifest_path.exists():
+        return None
+    manifest = read_manifest(artifact)
+    if manifest is None or not isinstance(manifest.get("sha256"), str):
+        return f"its manifest {manifest_path.name} is unreadable or malformed"
+    if manifest["sha256"] != sha256_file(artifact):
+        return f"its sha256 differs from the one {manifest_path.name} records: altered, replaced or truncated since export"
+    return None
 
 
 def write_manifest(artifact: Path, manifest: dict[str, Any]) -> Path:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vae_rt.capabilities import engine_skip_reason
 from vae_rt.engine import DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, build_engine, check_profile
 from vae_rt.errors import UserError
-from vae_rt.export import ExportedModel, export_onnx
-from vae_rt.files import make_dir
+from vae_rt.export import ExportedModel, check_export_name, export_onnx
+from vae_rt.files import make_dir, staging_dir
 
 
 @dataclass
@@ -21,6 +23,15 @@ class ExportReport:
     engine_built: bool = False  # False with an engine: a matching cached plan was reused
     engine_skipped: str | None = None
     triton: Path | None = None
+
+
+def move_export(exported: ExportedModel, out_dir: Path) -> ExportedModel:
+    """`exported` renamed into `out_dir`, its manifest first: a run stopped between the two renames
+    leaves a file its manifest does not describe, which is refused when served (`manifest_mismatch`)."""
+    manifest_path, path = out_dir / exported.manifest_path.name, out_dir / exported.path.name
+    os.replace(exported.manifest_path, manifest_path)
+    os.replace(exported.path, path)
+    return dataclasses.replace(exported, path=path, manifest_path=manifest_path)
 
 
 def export_artifacts(
@@ -36,6 +47,9 @@ def export_artifacts(
     data_dir: Path | None = None,
 ) -> ExportReport:
     """Export `checkpoint`'s decoder in each precision, then build its engine and Triton repository.
+
+    The ONNX files reach `out_dir` only once every precision has passed its checks: a failure leaves
+    the files already there as they were.
 
     Args:
         engine: True requires the TensorRT engine, False skips it, None builds it when this machine can.
@@ -54,9 +68,14 @@ def export_artifacts(
         make_dir(engine_dir, "engine folder")
     if triton_dir is not None:
         make_dir(triton_dir, "--triton")
+    check_export_name(name)
     report = ExportReport()
-    for precision in precisions:
-        report.onnx[precision] = export_onnx(checkpoint, out_dir, precision, name, data_dir)
+    out_dir = make_dir(out_dir, "out_dir")
+    with staging_dir(out_dir) as staging:  # every precision asked for, or none: no folder mixing two exports
+        # Gated precisions first: they need MNIST and may fail, and then fp32 is not exported in vain.
+        staged = {p: export_onnx(checkpoint, staging, p, name, data_dir) for p in sorted(precisions, key=lambda p: p == "fp32")}
+        for precision in precisions:
+            report.onnx[precision] = move_export(staged[precision], out_dir)
     if engine is not False:
         if skip_reason:
             report.engine_skipped = skip_reason

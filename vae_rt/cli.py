@@ -216,7 +216,7 @@ def evaluate(
     limit: Annotated[int | None, typer.Option(min=1, help="Score only the first N test images.")] = None,
     seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of the sampling noise.")] = 0,
     backend: Annotated[str | None, typer.Option(help="Decode on this backend (torch, ort, ...) and gate it against fp32.")] = None,
-    precision: Annotated[str | None, typer.Option(help="The decoder's precision on --backend: fp32, fp16, bf16 or int8.")] = None,
+    precision: Annotated[str | None, typer.Option(help="The decoder's precision on --backend: fp32, fp16, bf16, int8, or auto (with --backend auto: every engine it holds).")] = None,
     device: DeviceOption = "auto",
 ) -> None:
     """Test loss per image (negative ELBO); with --backend/--precision, the quality gate of that decoder."""
@@ -403,7 +403,9 @@ def compare(
     failed = False
     for row in rows:
         if row.report is None:
-            table.add_row(row.backend, row.precision, "-", "", "", "", "", "", "", Text("skipped", style="yellow"))
+            verdict = Text("skipped", style="yellow") if row.failed is None else Text("FAIL", style="red")
+            failed |= row.failed is not None
+            table.add_row(row.backend, row.precision, "-", "", "", "", "", "", "", verdict)
             continue
         r, q = row.report, row.quality
         failed |= not row.passed
@@ -414,8 +416,8 @@ def compare(
         )
     print_table(table)
     for row in rows:
-        if row.skipped:
-            out.print(f"skipped {row.backend} {row.precision}: {row.skipped}")
+        if row.skipped or row.failed:
+            out.print(f"{'skipped' if row.skipped else 'failed'} {row.backend} {row.precision}: {row.skipped or row.failed}")
     if failed:
         raise RuntimeFailure("some backends disagree with the torch fp32 reference beyond tolerance or fail their quality gate")
 

@@ -12,7 +12,7 @@ import torch
 
 from vae_rt.backends import resolve_device
 from vae_rt.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
-from vae_rt.errors import UserError
+from vae_rt.errors import RuntimeFailure, UserError
 from vae_rt.limits import MAX_COMPARE_COUNT, check_between
 from vae_rt.parity import ParityReport, compare, tail_latents
 from vae_rt.quality import QualityGate, quality_gate
@@ -28,10 +28,11 @@ class Comparison:
     report: ParityReport | None = None
     skipped: str | None = None  # why this pair could not run here
     quality: QualityGate | None = None
+    failed: str | None = None  # why this pair could not be served: its export failed its own checks
 
     @property
     def passed(self) -> bool:
-        return bool(self.report) and (self.quality is None or self.quality.passed)
+        return self.failed is None and bool(self.report) and (self.quality is None or self.quality.passed)
 
 
 def run_comparisons(
@@ -62,6 +63,9 @@ def run_comparisons(
                     quality = None if test_pixels is None else quality_gate(reference_model, sampler.decode, precision, test_pixels)
             except UserError as error:
                 results.append(Comparison(backend, precision, skipped=str(error)))
+                continue
+            except RuntimeFailure as error:  # e.g. an int8 export that fails its quality gate: a FAIL row, not the end
+                results.append(Comparison(backend, precision, failed=str(error)))
                 continue
             results.append(Comparison(backend, precision, runs_on, compare(reference, images, precision), quality=quality))
     return results

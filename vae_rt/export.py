@@ -87,8 +87,7 @@ def export_onnx(
     """
     if precision not in EXPORT_PRECISIONS:
         raise UserError(f"precision must be one of {', '.join(EXPORT_PRECISIONS)}, got {precision!r}")
-    if name is not None and (Path(name).name != name or name in (".", "..")):
-        raise UserError(f"name must be a plain file name (no folders: they go in out_dir), got {name!r}")
+    check_export_name(name)
     source = Path(checkpoint) if checkpoint is not None else BUNDLED_CHECKPOINT
     model, _ = load_checkpoint(source)
     peaks = reference_peaks(model, source.name)
@@ -133,6 +132,11 @@ def export_onnx(
         manifest["quantization"] = quantization
     manifest_path = write_manifest(path, manifest)
     return ExportedModel(path, manifest_path, precision, parity, peaks, gate)
+
+
+def check_export_name(name: str | None) -> None:
+    if name is not None and (Path(name).name != name or name in (".", "..")):
+        raise UserError(f"name must be a plain file name (no folders: they go in out_dir), got {name!r}")
 
 
 def _export_int8(model: VAE, path: Path, train_pixels: torch.Tensor) -> dict[str, Any]:

@@ -46,6 +46,20 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def staging_dir(folder: Path) -> Iterator[Path]:
+    """Yield a fresh hidden folder inside `folder`, removed with what is left in it on the way out: files
+    made there reach `folder` by rename (same file system), so a run that fails leaves `folder` as it was."""
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".vae-rt-staging.", dir=folder))
+    except OSError as err:
+        raise _naming(err, Path(folder)) from err
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _naming(err: OSError, path: Path) -> OSError:
     """The same error about `path` (its folder when that is what is missing)."""
     missing_folder = isinstance(err, FileNotFoundError) and not path.parent.is_dir()

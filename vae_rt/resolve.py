@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from vae_rt.artifacts import inspect_onnx, onnx_path_for
+from vae_rt.artifacts import inspect_onnx, manifest_mismatch, onnx_path_for
 from vae_rt.backends import (
     BACKEND_CHOICES,
     DEVICES,
@@ -27,7 +27,7 @@ from vae_rt.cache import cache_error, cache_folder, describe, onnx_entry_problem
 from vae_rt.capabilities import CUDA_EP, available_providers, engine_skip_reason, native_bf16
 from vae_rt.checkpoint import BUNDLED_CHECKPOINT, read_checkpoint
 from vae_rt.engine import DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, build_engine
-from vae_rt.errors import UserError, notice
+from vae_rt.errors import RuntimeFailure, UserError, notice
 from vae_rt.export import EXPORT_PRECISIONS, export_onnx
 from vae_rt.files import sha256_file
 
@@ -84,7 +84,7 @@ def cpu_auto_backend(path: Path, kind: str, precision: str | None) -> tuple[Base
             raise UserError(f"{path} is an {stored} model, not {precision}")
         precisions = [stored]
     elif precision == "auto" and kind != "checkpoint":
-        log.info("precision auto: %s is not a checkpoint, and a reduced precision is judged through its encoder: fp32 only", path)
+        notice.info("precision auto: %s is not a checkpoint, and a reduced precision is judged through its encoder: fp32 only", path)
         precisions = ["fp32"]
     else:
         precisions = requested_precisions(precision, native_bf16())
@@ -123,12 +123,17 @@ def _installed(module: str) -> bool:
 
 
 def artifact_kind(path: Path) -> str:
-    """'checkpoint', 'onnx' or 'plan', from the file's extension; the file must exist."""
+    """'checkpoint', 'onnx' or 'plan', from the file's extension. The file must exist, and an ONNX file
+    with a manifest beside it must be the file that manifest describes (its quality gate and parity
+    were recorded for that file only)."""
     if path.suffix not in KINDS:
         raise UserError(f"model {path}: unknown kind of file; expected .pth (checkpoint), .onnx or .plan")
     if not path.is_file():
         raise UserError(f"model {path}: no such file")
-    return KINDS[path.suffix]
+    kind = KINDS[path.suffix]
+    if kind == "onnx" and (mismatch := manifest_mismatch(path)):
+        raise UserError(f"model {path}: {mismatch}; export it again, or delete the manifest to serve the file as it is")
+    return kind
 
 
 def choose_backend(kind: str, precision: str | None, device: str) -> tuple[str, str, str]:
@@ -217,6 +222,8 @@ def cached_onnx(checkpoint: Path, precision: str) -> Path:
         return export_onnx(checkpoint, out_dir, precision, name=digest[:16]).path
     except OSError as err:  # a full or read-only cache: the variable is what the user can change
         raise cache_error(path, err.strerror or str(err)) from err
+    except RuntimeFailure as err:  # named by the checkpoint the user gave, not by the cache entry's digest
+        raise RuntimeFailure(str(err).replace(path.name, f"the {precision} export of {checkpoint.name}")) from err
 
 
 def cached_engine(path: Path, kind: str, serving_batch: int = DEFAULT_OPT_BATCH) -> Path:

@@ -196,9 +196,9 @@ def check_out(out: Any, rows: int, device: str) -> None:
     if out.device.type != device:
         problems.append(f"device {out.device}, needed {device}")
     if not out.is_contiguous():
-        problems.append("not contiguous")
+        problems.append("a non-contiguous layout")
     if out.requires_grad:
-        problems.append("requires grad")
+        problems.append("requires_grad=True")
     if problems:
         raise UserError("out has " + "; ".join(problems))
 
