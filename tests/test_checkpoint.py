@@ -1,3 +1,4 @@
+import os
 import warnings
 
 import numpy as np
@@ -104,18 +105,19 @@ def test_config_that_contradicts_the_weights(tmp_path):
 
 
 class _RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
+    def __init__(self, call, marker):
+        self.call, self.marker = call, marker
 
     def __reduce__(self):
-        return (open, (self.marker, "w"))
+        return (open, (self.marker, "w")) if self.call == "open" else (os.system, (f"touch {self.marker}",))
 
 
-def test_pickle_that_would_run_code_is_refused_and_does_not_run(tmp_path):
+@pytest.mark.parametrize("call", ["open", "os.system"])  # torch words an allowed-list miss and a blocked module differently
+def test_pickle_that_would_run_code_is_refused_and_does_not_run(tmp_path, call):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
-    torch.save({"state_dict": _RunsCode(str(marker))}, path)
-    with pytest.raises(CheckpointError, match="refused to load"):
+    torch.save({"state_dict": _RunsCode(call, str(marker))}, path)
+    with pytest.raises(CheckpointError, match="refused to load: unpickling it would call"):
         read_checkpoint(path)
     assert not marker.exists()
 

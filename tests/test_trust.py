@@ -450,6 +450,15 @@ def test_decoding_stops_at_the_first_failed_write(tmp_path, monkeypatch):
         assert list((tmp_path / "small").iterdir()) == []
 
 
+def test_an_export_that_fills_the_disk_names_the_folder_and_leaves_it_empty(tmp_path):
+    with mounted_tmpfs(tmp_path / "small", "size=1500k") as mounted:  # room for the checks, not for the 2.1 MB file
+        if not mounted:
+            pytest.skip("needs a small tmpfs: root on Linux")
+        assert_one_line_error(["export", "--precision", "fp32", "--no-engine", "--out-dir", tmp_path / "small"],
+                              f"{tmp_path / 'small'}: No space left on device")
+        assert list((tmp_path / "small").iterdir()) == []
+
+
 @contextlib.contextmanager
 def _full_after_one_megabyte(path: Path, header: bytes) -> Iterator[object]:
     class FullStream:

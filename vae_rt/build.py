@@ -72,8 +72,13 @@ def export_artifacts(
     report = ExportReport()
     out_dir = make_dir(out_dir, "out_dir")
     with staging_dir(out_dir) as staging:  # every precision asked for, or none: no folder mixing two exports
-        # Gated precisions first: they need MNIST and may fail, and then fp32 is not exported in vain.
-        staged = {p: export_onnx(checkpoint, staging, p, name, data_dir) for p in sorted(precisions, key=lambda p: p == "fp32")}
+        try:
+            # Gated precisions first: they need MNIST and may fail, and then fp32 is not exported in vain.
+            staged = {p: export_onnx(checkpoint, staging, p, name, data_dir) for p in sorted(precisions, key=lambda p: p == "fp32")}
+        except OSError as err:  # a full disk: named by the folder the user gave, not by the staging folder or by nothing
+            if err.filename and str(staging) not in str(err.filename):
+                raise
+            raise OSError(err.errno, err.strerror, str(out_dir)) from err
         for precision in precisions:
             report.onnx[precision] = move_export(staged[precision], out_dir)
     if engine is not False:

@@ -57,7 +57,7 @@ def read_checkpoint(path: Path | None) -> dict[str, Any]:
             warnings.filterwarnings("ignore", message="Validating sparse tensor invariants", category=UserWarning)
             raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # random bytes fail the unpickler in many ways: IndexError, KeyError, ...
-        unsafe = isinstance(err, pickle.UnpicklingError) and re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
+        unsafe = isinstance(err, pickle.UnpicklingError) and re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module \S+ is blocked)", str(err))
         if unsafe:
             raise CheckpointError(
                 f"{path}: refused to load: unpickling it would call {unsafe.group(1)} "
