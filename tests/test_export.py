@@ -126,7 +126,7 @@ def test_a_failed_precision_leaves_the_folder_as_it_was(random_checkpoint, tutor
     from vae_rt.build import export_artifacts
     from vae_rt.errors import UserError
 
-    export_artifacts(random_checkpoint, tmp_path, ["fp32"], name="model", engine=False)
+    export_artifacts(random_checkpoint, tmp_path, ["fp32", "fp32"], name="model", engine=False)  # a repeat is one export
     before = {p.name: sha256_file(p) for p in tmp_path.iterdir()}
 
     def broken_int8(*args):
@@ -160,3 +160,16 @@ def test_a_served_onnx_must_match_its_manifest(exported, tmp_path):
     manifest.write_text("{garbage")
     with pytest.raises(UserError, match="unreadable or malformed"):
         artifact_kind(onnx_copy)
+
+
+def test_signals_held_wait_for_the_block_then_interrupt():
+    import os
+    import signal
+
+    from vae_rt.errors import signals_held
+
+    done = []
+    with pytest.raises(KeyboardInterrupt), signals_held():
+        os.kill(os.getpid(), signal.SIGINT)
+        done.append("renamed")  # reached: the Ctrl-C waited
+    assert done == ["renamed"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler

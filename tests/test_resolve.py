@@ -90,9 +90,11 @@ def test_trt_without_tensorrt_names_what_to_install(random_checkpoint):
 
 
 
-def test_a_failed_cached_export_is_named_by_the_checkpoint_not_the_cache_entry(tutorial_state_dict, monkeypatch):
+def test_a_failed_cached_export_is_named_by_the_checkpoint_not_the_cache_entry(tutorial_state_dict, tmp_path, monkeypatch):
     import vae_rt.resolve
     from vae_rt.errors import RuntimeFailure
+
+    monkeypatch.setenv("VAE_RT_CACHE_DIR", str(tmp_path))  # no int8 export of it cached by another test
 
     def export_onnx(checkpoint, out_dir, precision, name):
         raise RuntimeFailure(f"{name}.{precision}.onnx not written: quality gate FAIL int8 test loss +1.2 nats")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from vae_rt.capabilities import engine_skip_reason
 from vae_rt.engine import DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, build_engine, check_profile
-from vae_rt.errors import UserError
+from vae_rt.errors import UserError, signals_held
 from vae_rt.export import ExportedModel, check_export_name, export_onnx
 from vae_rt.files import make_dir, staging_dir
 
@@ -23,6 +23,29 @@ class ExportReport:
     engine_built: bool = False  # False with an engine: a matching cached plan was reused
     engine_skipped: str | None = None
     triton: Path | None = None
+
+
+def export_all_or_none(
+    checkpoint: Path | None, out_dir: Path, precisions: list[str], name: str | None, data_dir: Path | None
+) -> dict[str, ExportedModel]:
+    """Each precision exported into a staging folder inside `out_dir`, then all renamed into place with
+    Ctrl-C and SIGTERM held back: a failed or interrupted run leaves `out_dir` as it was. Gated precisions
+    go first: they need MNIST and may fail, and fp32 is then not exported in vain."""
+    precisions = list(dict.fromkeys(precisions))
+    with staging_dir(out_dir) as staging:
+        try:
+            staged = {p: export_onnx(checkpoint, staging, p, name, data_dir) for p in sorted(precisions, key=lambda p: p == "fp32")}
+        except OSError as err:  # a full disk: named by the folder the user gave, not by the staging folder or by nothing
+            if err.errno is None or (err.filename and str(staging) not in str(err.filename)):
+                raise
+            raise OSError(err.errno, err.strerror, str(out_dir)) from err
+        except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (Terminated): what was staged goes with the folder
+            raise type(stop)(f"nothing was written to {out_dir}") from None
+        for target in (out_dir / p.name for e in staged.values() for p in (e.path, e.manifest_path)):
+            if target.is_dir():
+                raise UserError(f"{target} is a folder: an export cannot take its name")
+        with signals_held():
+            return {p: move_export(staged[p], out_dir) for p in precisions}
 
 
 def move_export(exported: ExportedModel, out_dir: Path) -> ExportedModel:
@@ -71,16 +94,7 @@ def export_artifacts(
     check_export_name(name)
     report = ExportReport()
     out_dir = make_dir(out_dir, "out_dir")
-    with staging_dir(out_dir) as staging:  # every precision asked for, or none: no folder mixing two exports
-        try:
-            # Gated precisions first: they need MNIST and may fail, and then fp32 is not exported in vain.
-            staged = {p: export_onnx(checkpoint, staging, p, name, data_dir) for p in sorted(precisions, key=lambda p: p == "fp32")}
-        except OSError as err:  # a full disk: named by the folder the user gave, not by the staging folder or by nothing
-            if err.filename and str(staging) not in str(err.filename):
-                raise
-            raise OSError(err.errno, err.strerror, str(out_dir)) from err
-        for precision in precisions:
-            report.onnx[precision] = move_export(staged[precision], out_dir)
+    report.onnx = export_all_or_none(checkpoint, out_dir, precisions, name, data_dir)
     if engine is not False:
         if skip_reason:
             report.engine_skipped = skip_reason

@@ -28,7 +28,7 @@ class Comparison:
     report: ParityReport | None = None
     skipped: str | None = None  # why this pair could not run here
     quality: QualityGate | None = None
-    failed: str | None = None  # why this pair could not be served: its export failed its own checks
+    failed: str | None = None  # why this pair failed before a report: an export that fails its checks, NaN output, ...
 
     @property
     def passed(self) -> bool:
@@ -64,7 +64,7 @@ def run_comparisons(
             except UserError as error:
                 results.append(Comparison(backend, precision, skipped=str(error)))
                 continue
-            except RuntimeFailure as error:  # e.g. an int8 export that fails its quality gate: a FAIL row, not the end
+            except RuntimeFailure as error:  # e.g. an int8 export that fails its gate, NaN output: a FAIL row, not the end
                 results.append(Comparison(backend, precision, failed=str(error)))
                 continue
             results.append(Comparison(backend, precision, runs_on, compare(reference, images, precision), quality=quality))

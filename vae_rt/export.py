@@ -101,7 +101,7 @@ def export_onnx(
         else:
             decoder = model.decoder() if precision == "fp32" else ReducedDecoder(model.decoder(), torch.float16)
             _torch_export(decoder, model.config.z_dim, tmp)
-        check_onnx(tmp)
+        check_onnx(tmp, path.name)
         parity = validate_with_ort(tmp, model, precision)
         if not parity:
             raise RuntimeFailure(f"{path.name}: ONNX Runtime disagrees with torch: {parity.summary()}")
@@ -135,6 +135,7 @@ def export_onnx(
 
 
 def check_export_name(name: str | None) -> None:
+    """Refuse a base name that is not a plain file name: folders go in the output folder option."""
     if name is not None and (Path(name).name != name or name in (".", "..")):
         raise UserError(f"name must be a plain file name (no folders: they go in out_dir), got {name!r}")
 
@@ -167,14 +168,15 @@ def _torch_export(module: nn.Module, z_dim: int, path: Path) -> None:
         )
 
 
-def check_onnx(path: Path) -> None:
-    """`onnx.checker` (full check) and strict shape inference; raises RuntimeFailure on a malformed graph."""
+def check_onnx(path: Path, name: str) -> None:
+    """`onnx.checker` (full check) and strict shape inference of `path`, the file to be `name`; raises
+    RuntimeFailure on a malformed graph."""
     try:
         model = onnx.load(str(path))
         onnx.checker.check_model(model, full_check=True)
         onnx.shape_inference.infer_shapes(model, strict_mode=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
-        raise RuntimeFailure(f"{path}: exported ONNX is invalid: {str(err).splitlines()[0]}") from err
+        raise RuntimeFailure(f"{name}: exported ONNX is invalid: {str(err).splitlines()[0]}") from err
 
 
 def validate_with_ort(path: Path, model: VAE, precision: str) -> ParityReport:
