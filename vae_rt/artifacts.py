@@ -49,14 +49,20 @@ def read_manifest(artifact: Path) -> dict[str, Any] | None:
 
 
 def manifest_mismatch(artifact: Path) -> str | None:
-    """Why `artifact` is not the file its manifest describes; None when it is, or when it has no manifest
-    (a file from elsewhere, served as it is)."""
+    """Why `artifact` is not the file its vae-rt manifest describes; None when it is, or when it has none
+    (a file from elsewhere, or beside another tool's JSON: served as it is)."""
     manifest_path = manifest_path_for(artifact)
     if not manifest_path.exists():
         return None
+    if not manifest_path.is_file():
+        return f"its manifest {manifest_path.name} is not a file"
     manifest = read_manifest(artifact)
-    if manifest is None or not isinstance(manifest.get("sha256"), str):
-        return f"its manifest {manifest_path.name} is unreadable or malformed"
+    if manifest is None:
+        return f"its manifest {manifest_path.name} is unreadable"
+    if manifest.get("kind") != "onnx":
+        return None
+    if not isinstance(manifest.get("sha256"), str):
+        return f"its manifest {manifest_path.name} records no sha256"
     if manifest["sha256"] != sha256_file(artifact):
         return f"its sha256 differs from the one {manifest_path.name} records: altered, replaced or truncated since export"
     return None
