@@ -175,6 +175,11 @@ def test_pipeline_script_runs(tmp_path):
     assert list(tmp_path.iterdir()) == []  # its .npy lives in a temporary folder
 
 
+def test_after_call_script_runs():
+    output = _run_script("after_call.py", "--engine", "ort", "--batch", 4, "--calls", 3)
+    assert "ort fp32 on CPUExecutionProvider, batch 4" in output and "check_latents(tensor)" in output
+
+
 def test_mixed_sizes_script_runs():
     output = _run_script("mixed_sizes.py", "--calls", 6, "--max-batch", 64, "--rounds", 1)
     assert "6 calls" in output and "median of 1: auto " in output and "always switching" in output
