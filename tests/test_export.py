@@ -165,13 +165,16 @@ def test_a_served_onnx_must_match_its_manifest(exported, tmp_path):
 
 
 def test_signals_held_wait_for_the_block_then_interrupt():
-    import os
     import signal
 
     from vae_rt.errors import signals_held
 
-    done = []
-    with pytest.raises(KeyboardInterrupt), signals_held():
-        os.kill(os.getpid(), signal.SIGINT)
-        done.append("renamed")  # reached: the Ctrl-C waited
-    assert done == ["renamed"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever an earlier test left installed
+    try:
+        done = []
+        with pytest.raises(KeyboardInterrupt), signals_held():
+            signal.raise_signal(signal.SIGINT)  # in this thread: handled before the next line runs
+            done.append("renamed")  # reached: the Ctrl-C waited
+        assert done == ["renamed"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
