@@ -39,20 +39,11 @@ def statements(z: torch.Tensor, pixels: np.ndarray) -> dict[str, Callable[[], An
     }
 
 
-def first_after(engine_call: Callable[[], Any], statement: Callable[[], Any], calls: int) -> float:
-    """Median µs of `statement` timed alone, each time right after `engine_call`."""
+def median_us(statement: Callable[[], Any], calls: int, before: Callable[[], Any] = lambda: None) -> float:
+    """Median µs of `statement` timed alone, each time right after `before` (an engine call, or nothing)."""
     clock, times = time.perf_counter_ns, []
     for _ in range(calls):
-        engine_call()
-        started = clock()
-        statement()
-        times.append(clock() - started)
-    return statistics.median(times) / 1e3
-
-
-def alone(statement: Callable[[], Any], calls: int) -> float:
-    clock, times = time.perf_counter_ns, []
-    for _ in range(calls):
+        before()
         started = clock()
         statement()
         times.append(clock() - started)
@@ -82,7 +73,7 @@ def main() -> None:
         pixels = sampler.decode(z).numpy().reshape(args.batch, -1)
         print(f"{sampler.describe()}, batch {args.batch}: µs right after the engine call (alone)")
         for label, statement in statements(z, pixels).items():
-            print(f"{first_after(engine_call, statement, args.calls):8.2f} ({alone(statement, args.calls):6.2f})  {label}")
+            print(f"{median_us(statement, args.calls, engine_call):8.2f} ({median_us(statement, args.calls):6.2f})  {label}")
 
 
 if __name__ == "__main__":
