@@ -8,13 +8,16 @@ from pathlib import Path
 from types import SimpleNamespace
 from unittest.mock import MagicMock
 
+import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
-from vae_rt.bench import Timing, _end_to_end, bench_targets, limit_shapes, matmul_limits, run_benchmarks, time_calls
+from vae_rt.bench import Timing, _end_to_end, bench_targets, run_benchmarks, time_calls
 from vae_rt.checkpoint import BUNDLED_CHECKPOINT
 from vae_rt.cli import app
 from vae_rt.errors import UserError
+from vae_rt.gemm_limits import ENGINE_GEMMS, GemmLimit, Unsupported, gemm_calls, limit_shapes, matmul_limits
 from vae_rt.peers import PEERS
 
 
@@ -75,7 +78,7 @@ def test_rows_measure_each_target_against_the_eager_reference(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(timing_module.time, "perf_counter", clock)
     monkeypatch.setattr(bench_module, "reference_decoder", lambda checkpoint: clock.decode_taking(0.001))
-    monkeypatch.setattr(bench_module, "_matmul_calls", lambda shapes, precisions: {("fp32", (1, 1, 1)): lambda: clock.decode_taking(0.5)(None)})
+    monkeypatch.setattr(bench_module, "gemm_calls", lambda shapes, precisions: {("fp32", "torch", (1, 1, 1)): lambda: clock.decode_taking(0.5)(None)})
 
     def fake_sampler(checkpoint, backend, precision, device):
         if backend == "trt":
@@ -98,12 +101,37 @@ def test_rows_measure_each_target_against_the_eager_reference(monkeypatch):
     assert len(skipped) == 1 and skipped[0].runs_on == "skipped: TensorRT is not installed"
 
 
-def test_limit_is_the_best_rate_over_the_shapes():
+def test_limit_is_the_best_rate_over_libraries_and_shapes():
     square, own = (1024, 1024, 1024), (8192, 512, 784)
-    limits = matmul_limits({("fp32", square): [0.1, 0.1], ("fp32", own): [0.05], ("bf16", square): [0.02]})
-    assert limits["fp32"] == pytest.approx(2 * 8192 * 512 * 784 / 0.05 / 1e9)  # the decoder's GEMM beat the square one
-    assert limits["bf16"] == pytest.approx(2 * 1024**3 / 0.02 / 1e9)
-    assert limit_shapes(BUNDLED_CHECKPOINT, [1, 64, 8192]) == [square, (8192, 2, 256), (8192, 256, 512), own]
+    limits = matmul_limits({
+        ("fp32", "torch", square): [0.1, 0.1], ("fp32", "torch", own): [0.06], ("fp32", "onnxruntime", own): [0.05, 0.04, 0.06],
+        ("bf16", "torch", square): [0.02], ("bf16", "openvino", square): [0.03],
+    })
+    assert limits["fp32"] == GemmLimit(pytest.approx(2 * 8192 * 512 * 784 / 0.05 / 1e9), "onnxruntime", own)  # the median
+    assert limits["bf16"] == GemmLimit(pytest.approx(2 * 1024**3 / 0.02 / 1e9), "torch", square)
+    assert limits["fp32"].describe().endswith(" (onnxruntime, 8192x512x784)")
+    assert limit_shapes(BUNDLED_CHECKPOINT, 8192) == [square, (8192, 2, 256), (8192, 256, 512), own]
+
+
+@pytest.mark.parametrize("library", ["onnxruntime", "openvino"])
+def test_engine_gemms_compute_the_product(library):
+    """A limit is only honest if the timed call does the whole GEMM: its product is checked."""
+    pytest.importorskip(library)
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(33, 70, generator=generator).numpy(), torch.randn(70, 19, generator=generator).numpy()
+    product = ENGINE_GEMMS[library](a, b, "fp32")()[0]  # ORT's list of outputs, OpenVINO's dict of them
+    assert np.allclose(product, a @ b, rtol=1e-4, atol=1e-4)
+
+
+def test_limit_calls_cover_each_installed_library_and_only_asked_precisions():
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    shape = (8, 16, 32)
+    assert {key[:2] for key in gemm_calls([shape], set())} == {("fp32", "torch"), ("fp32", "onnxruntime"), ("fp32", "openvino")}
+    with_bf16 = {key[:2] for key in gemm_calls([shape], {"bf16"})}
+    assert ("bf16", "torch") in with_bf16 and ("bf16", "onnxruntime") not in with_bf16  # ORT's CPU provider has no bf16 MatMul
+    with pytest.raises(Unsupported):
+        ENGINE_GEMMS["onnxruntime"](np.ones((2, 2), np.float32), np.ones((2, 2), np.float32), "bf16")
 
 
 def test_peers_are_timed_in_the_same_run():
@@ -153,6 +181,7 @@ def test_cli_writes_json_and_plot(tmp_path):
     report = json.loads((tmp_path / "b.json").read_text())
     assert report["matmul_limit_gflops"]["fp32"] > 0
     assert set(report["matmul_limit_gflops"]) == {"fp32"}  # no bf16 row timed, so no bf16 GEMM timed either
+    assert report["matmul_limit_reached_by"]["fp32"]["library"] in ("torch", "onnxruntime", "openvino")
     assert {(r["backend"], r["batch"]) for r in report["rows"]} >= {("torch", 8), ("ort", 1), ("torch-eager", 1)}
     assert (tmp_path / "b.png").stat().st_size > 1000
     assert "samples/s" in result.output and "vs eager" in result.output

@@ -3,8 +3,8 @@
 Each (backend, precision, batch) runs a warm-up period, then at least `min_duration` seconds and
 `min_iterations` calls; it reports median and p90/p99 latency, samples/s, GFLOP/s, the coefficient of
 variation (flagged when noisy), speed relative to plain torch fp32 eager measured in the same run,
-and the share of this machine's matmul limit (the best fp32 or bf16 rate over a square GEMM and the
-decoder's own GEMMs), also measured in the same run. `--peers` adds what a user would call instead.
+and the share of this machine's matmul limit (the best fp32 or bf16 GEMM rate of any library here,
+`gemm_limits`), also measured in the same run. `--peers` adds what a user would call instead.
 Run it with `vae-rt bench --peers --json out.json --plot out.png`.
 """
 
@@ -25,6 +25,7 @@ import torch
 from vae_rt.backends.auto import AutoBackend
 from vae_rt.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
 from vae_rt.errors import UserError
+from vae_rt.gemm_limits import GemmKey, GemmLimit, gemm_calls, limit_shapes, matmul_limits
 from vae_rt.limits import MAX_BATCH, MAX_BENCH_DURATION
 from vae_rt.machine import cpu_isa, cpu_model
 from vae_rt.peers import open_peers
@@ -62,45 +63,10 @@ class BenchRow:
         return asdict(self)
 
 
-SQUARE_SIZE = 1024  # float32 [1024, 1024] @ [1024, 1024]: a BLAS's best case, beside the decoder's own GEMMs
-LIMIT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
 def describe_machine() -> str:
     """CPU model, its widest vector extensions and the threads torch uses: what the numbers depend on."""
     model, isa = cpu_model(), cpu_isa()
     return f"{model} [{' '.join(isa) or 'no AVX'}], {torch.get_num_threads()} threads, torch {torch.__version__}"
-
-
-def limit_shapes(checkpoint: Path, batch_sizes: list[int]) -> list[tuple[int, int, int]]:
-    """(m, k, n) GEMM shapes whose best rate is the limit: a square one, and the decoder's own at the largest batch."""
-    layers = load_checkpoint(checkpoint)[0].decoder()
-    batch = max(batch_sizes)
-    own = [(batch, layer.in_features, layer.out_features) for layer in (layers.fc4, layers.fc5, layers.fc6)]
-    return [(SQUARE_SIZE, SQUARE_SIZE, SQUARE_SIZE), *own]
-
-
-def _matmul_calls(
-    shapes: list[tuple[int, int, int]], precisions: set[str]
-) -> dict[tuple[str, tuple[int, int, int]], Callable[[], torch.Tensor]]:
-    """torch.mm calls for the fp32 limit, and for each other limit precision a row is timed in."""
-    calls = {}
-    for precision, dtype in LIMIT_DTYPES.items():
-        if precision != "fp32" and precision not in precisions:  # a bf16 GEMM without native bf16 takes seconds
-            continue
-        for m, k, n in shapes:
-            a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
-            calls[precision, (m, k, n)] = functools.partial(torch.mm, a, b)
-    return calls
-
-
-def matmul_limits(latencies: dict[tuple[str, tuple[int, int, int]], list[float]]) -> dict[str, float]:
-    """GFLOP/s per precision: the best median rate over the timed shapes (a decoder GEMM may beat the square one)."""
-    limits: dict[str, float] = {}
-    for (precision, (m, k, n)), collected in latencies.items():
-        rate = 2 * m * k * n / Timing(collected).median / 1e9
-        limits[precision] = max(limits.get(precision, 0.0), rate)
-    return limits
 
 
 def reference_decoder(checkpoint: Path) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -154,7 +120,7 @@ def run_benchmarks(
     rounds: int = 5,
     on_row: Callable[[BenchRow], None] | None = None,
     peers: tuple[str, ...] = (),
-) -> tuple[list[BenchRow], dict[str, float]]:
+) -> tuple[list[BenchRow], dict[str, GemmLimit]]:
     """Time `decode` for each (backend, precision, device) target and batch size, plus torch eager, the
     `peers` (see `vae_rt.peers`) and the matmul limits.
 
@@ -165,7 +131,7 @@ def run_benchmarks(
 
     Returns:
         The rows (targets and peers that cannot run here as rows with `runs_on` = 'skipped: <why>')
-        and the CPU matmul limit per precision in GFLOP/s, both from the same run.
+        and the CPU matmul limit per precision (`gemm_limits`), both from the same run.
     """
     if not batch_sizes or min(batch_sizes) < 1 or max(batch_sizes) > MAX_BATCH:
         raise UserError(f"--batch-sizes must be integers between 1 and {MAX_BATCH}, got {batch_sizes}")
@@ -183,8 +149,7 @@ def run_benchmarks(
             rows.append(_skipped(backend, precision, device, str(error)))
     reference = reference_decoder(checkpoint)
     computed_in = {engine.precision for s in samplers for engine in s.backend.engines()}
-    matmuls = _matmul_calls(limit_shapes(checkpoint, batch_sizes), computed_in)
-    matmul_latencies: dict[tuple[str, tuple[int, int, int]], list[float]] = {key: [] for key in matmuls}
+    matmul_latencies: dict[GemmKey, list[float]] = {}
     work_dir = tempfile.TemporaryDirectory(prefix="vae-rt-peers-")
     opened_peers, skipped_peers = open_peers(peers, checkpoint, cached_onnx(checkpoint, "fp32"), Path(work_dir.name)) if peers else ([], [])
     rows += [_skipped(name, precision, "cpu", why) for name, precision, why in skipped_peers]
@@ -192,6 +157,7 @@ def run_benchmarks(
     try:
         for batch in batch_sizes:
             z = draw_latents(batch, config.z_dim, seed=batch)
+            matmuls = gemm_calls(limit_shapes(checkpoint, batch), computed_in)  # timed in the same rounds as the rows
             calls = [_end_to_end(reference, z, "cpu")] + [_end_to_end(s.decode, z, s.backend.device) for s in samplers]
             calls += [peer.prepare(z) for peer in opened_peers]
             latencies: list[list[float]] = [[] for _ in calls]
@@ -205,7 +171,9 @@ def run_benchmarks(
                         min_duration=min_duration / rounds, min_iterations=max(2, 10 // rounds),
                     ).latencies
                 for key, matmul in matmuls.items():
-                    matmul_latencies[key] += time_calls(matmul, warmup=0.0, min_duration=0.0, min_iterations=1).latencies
+                    matmul_latencies.setdefault(key, []).extend(
+                        time_calls(matmul, warmup=0.0, settle=SETTLE_SECONDS, min_duration=0.0, min_iterations=3).latencies
+                    )
             eager = _row(REFERENCE, "fp32", "cpu", batch, "torch fp32 eager (nn.Module, no_grad)", Timing(latencies[0]), flop)
             batch_rows = [eager] + [
                 _sampler_row(s, batch, Timing(collected), flop) for s, collected in zip(samplers, latencies[1:])
@@ -234,7 +202,7 @@ def run_benchmarks(
             # bf16 rows against the bf16 limit, fp32 and fp16 (upcast on the CPU) against fp32's; no int8 limit is timed
             computes_in = row.computes_in or row.precision
             if row.device == "cpu" and computes_in != "int8":
-                row.pct_of_peak = 100 * row.gflops / limits.get(computes_in, limits["fp32"])
+                row.pct_of_peak = 100 * row.gflops / limits.get(computes_in, limits["fp32"]).gflops
             if row.cv > NOISY_CV:
                 row.notes.append(f"noisy: CV {row.cv:.0%} > {NOISY_CV:.0%}; close other programs or raise --duration")
     return rows, limits
@@ -277,13 +245,18 @@ def _skipped(backend: str, precision: str, device: str, why: str) -> BenchRow:
     return BenchRow(backend, precision, device, 0, f"skipped: {why}", 0.0, 0.0, 0.0, 0.0, 0.0, 0, 0.0)
 
 
-def write_report(path: Path, rows: list[BenchRow], limits: dict[str, float], machine: str) -> None:
+def write_report(path: Path, rows: list[BenchRow], limits: dict[str, GemmLimit], machine: str) -> None:
     """The run as JSON: the machine, the matmul limits measured in it, every row."""
     import json
 
     from vae_rt.files import write_atomic
 
-    report = {"machine": machine, "matmul_limit_gflops": limits, "rows": [r.as_dict() for r in rows]}
+    report = {
+        "machine": machine,
+        "matmul_limit_gflops": {precision: limit.gflops for precision, limit in limits.items()},
+        "matmul_limit_reached_by": {precision: {"library": limit.library, "mkn": list(limit.shape)} for precision, limit in limits.items()},
+        "rows": [r.as_dict() for r in rows],
+    }
     write_atomic(path, json.dumps(report, indent=2) + "\n")
 
 

@@ -452,8 +452,8 @@ def bench(
         rows, limits = run_benchmarks(targets, sizes, model, duration, on_row=lambda r: status.update(f"{r.runs_on}, batch {r.batch}"),
                                       peers=tuple(PEERS) if peers else ())
     machine = describe_machine()
-    rates = ", ".join(f"{precision} {gflops:.1f}" for precision, gflops in limits.items())
-    out.print(f"CPU matmul limit (best GEMM rate, GFLOP/s), measured in the same run: {rates} ({machine})")
+    rates = ", ".join(f"{precision} {limit.describe()}" for precision, limit in limits.items())
+    out.print(f"CPU matmul limit (best GEMM rate over torch, onnxruntime, openvino; GFLOP/s), measured in the same run: {rates} ({machine})")
     table = Table("backend", "prec", "device", "batch", "samples/s", "p50 ms", "p99 ms", "GFLOP/s", "vs eager", "% peak", "CV")
     for r in rows:
         if not r.iterations:
