@@ -36,7 +36,7 @@ from vae_rt.cache import onnx_entry_problem
 from vae_rt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vae_rt.data import load_mnist
 from vae_rt.errors import RuntimeFailure, Terminated, UserError, sigterm_as_interrupt
-from vae_rt.files import atomic_path, sha256_file
+from vae_rt.files import atomic_path, sha256_file, staging_dir
 from vae_rt.model import VAE, VAEConfig
 from vae_rt.output import check_output, stream_npy
 from vae_rt.resolve import cached_onnx
@@ -636,3 +636,40 @@ def test_a_cache_record_that_cannot_be_written_names_the_cache_variable(tmp_path
                          ids=["export-max-batch", "serve-max-batch", "serve-delay", "serve-threads"])
 def test_serving_and_export_sizes_are_bounded(tmp_path, args):
     assert_one_line_error(args, "Invalid value")
+
+
+def test_a_write_removes_what_a_killed_run_left_and_only_that(tmp_path):
+    """Temporary names carry host and pid: a dead process's leftovers go, a live writer's and another host's stay."""
+    import socket
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True, text=True)
+    dead, host = int(finished.stdout), socket.gethostname()
+    leftover = tmp_path / f".m.onnx.{host}.{dead}.x1.tmp"
+    live = tmp_path / f".m.onnx.{host}.{os.getpid()}.x2.tmp"
+    elsewhere = tmp_path / f".m.onnx.other-host.{dead}.x3.tmp"
+    other_file = tmp_path / f".n.onnx.{host}.{dead}.x4.tmp"
+    staging = tmp_path / f".vae-rt-staging.{host}.{dead}.x5"
+    for path in (leftover, live, elsewhere, other_file):
+        path.write_bytes(b"partial")
+    (staging / "sub").mkdir(parents=True)
+    with atomic_path(tmp_path / "m.onnx") as tmp:
+        tmp.write_bytes(b"done")
+    assert not leftover.exists() and live.exists() and elsewhere.exists() and other_file.exists()
+    with staging_dir(tmp_path):
+        assert not staging.exists()
+    assert (tmp_path / "m.onnx").read_bytes() == b"done"
+
+
+def test_ctrl_c_while_the_cli_loads_is_one_line_and_exit_130():
+    interrupt_the_import = (
+        "import sys\n"
+        "class Interrupt:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'vae_rt.cli':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "from vae_rt.entry import main\n"
+        "main()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", interrupt_the_import], check=False, capture_output=True, text=True)
+    assert result.returncode == 130 and result.stderr == "interrupted: while loading, before anything was done\n"

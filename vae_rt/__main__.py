@@ -1,3 +1,3 @@
-from vae_rt.cli import main
+from vae_rt.entry import main
 
 main()

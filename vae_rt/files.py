@@ -1,14 +1,17 @@
-"""Write-then-rename helpers, so an interrupted run never leaves a half-written file under its final name;
+"""Write-then-rename helpers, so an interrupted run never leaves a half-written file under its final name
+(and what a run killed outright left is removed by the next write there);
 output folders made with a one-line error; and block-aligned host memory, which O_DIRECT writes can
 hand to the disk without a copy."""
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import math
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +20,7 @@ import torch
 
 from vae_rt.errors import UserError
 
+STAGING_PREFIX = ".vae-rt-staging."
 BLOCK = 4096  # O_DIRECT needs block-aligned offsets, sizes and memory: a page is a multiple of any disk's block
 
 
@@ -28,8 +32,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
     processes writing the same path end with one complete file, never a mix.
     """
     path = Path(path)
+    remove_leftovers(path.parent, f".{path.name}.")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner_tag()}", suffix=".tmp", dir=path.parent)
     except OSError as err:
         raise _naming(err, path) from err
     os.close(fd)
@@ -50,14 +55,45 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def staging_dir(folder: Path) -> Iterator[Path]:
     """Yield a fresh hidden folder inside `folder`, removed with what is left in it on the way out: files
     made there reach `folder` by rename (same file system), so a run that fails leaves `folder` as it was."""
+    remove_leftovers(Path(folder), STAGING_PREFIX)
     try:
-        staging = Path(tempfile.mkdtemp(prefix=".vae-rt-staging.", dir=folder))
+        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{owner_tag()}", dir=folder))
     except OSError as err:
         raise _naming(err, Path(folder)) from err
     try:
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def owner_tag() -> str:
+    """`<host>.<pid>.`: in a temporary name, it says which process may still be writing it."""
+    return f"{socket.gethostname()}.{os.getpid()}."
+
+
+def remove_leftovers(folder: Path, prefix: str) -> None:
+    """Remove the temporary files and folders named `<prefix><host>.<pid>.*` that a process of this host
+    left in `folder` when it was killed outright (SIGKILL, out of memory): those whose process is gone.
+    A live writer's, and another host's on a shared file system, are left alone."""
+    host = socket.gethostname()
+    for entry in Path(folder).glob(f"{glob.escape(prefix + host)}.*"):
+        pid = entry.name[len(prefix) + len(host) + 1:].split(".", 1)[0]
+        if pid.isdigit() and not _is_running(int(pid)):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):  # e.g. another user's: not this run's to fail on
+                    entry.unlink()
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _naming(err: OSError, path: Path) -> OSError:
