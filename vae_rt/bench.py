@@ -170,9 +170,12 @@ def run_benchmarks(
                         calls[index], warmup=0.2 if round_ == 0 else 0.0, settle=SETTLE_SECONDS,
                         min_duration=min_duration / rounds, min_iterations=max(2, 10 // rounds),
                     ).latencies
-                for key, matmul in matmuls.items():
+                previous_library = ""
+                for key in sorted(matmuls, key=lambda key: key[1]):  # one library after another: a pause only between them
+                    settle = SETTLE_SECONDS if key[1] != previous_library else 0.0
+                    previous_library = key[1]
                     matmul_latencies.setdefault(key, []).extend(
-                        time_calls(matmul, warmup=0.0, settle=SETTLE_SECONDS, min_duration=0.0, min_iterations=3).latencies
+                        time_calls(matmuls[key], warmup=0.0, settle=settle, min_duration=0.0, min_iterations=3).latencies
                     )
             eager = _row(REFERENCE, "fp32", "cpu", batch, "torch fp32 eager (nn.Module, no_grad)", Timing(latencies[0]), flop)
             batch_rows = [eager] + [
