@@ -75,3 +75,11 @@ def tutorial_state_dict(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def bundled() -> Path:
     return BUNDLED_CHECKPOINT
+
+
+@pytest.fixture(autouse=True)
+def no_failed_exports_from_other_tests(monkeypatch):
+    """`cached_onnx` remembers failed exports for the rest of the process: each test starts without them."""
+    import vae_rt.resolve
+
+    monkeypatch.setattr(vae_rt.resolve, "FAILED_EXPORTS", {})

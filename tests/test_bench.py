@@ -17,7 +17,7 @@ from vae_rt.bench import Timing, _end_to_end, bench_targets, run_benchmarks, tim
 from vae_rt.checkpoint import BUNDLED_CHECKPOINT
 from vae_rt.cli import app
 from vae_rt.errors import UserError
-from vae_rt.gemm_limits import ENGINE_GEMMS, GemmLimit, Unsupported, gemm_calls, limit_shapes, matmul_limits
+from vae_rt.gemm_limits import ENGINE_GEMMS, SQUARE, GemmLimit, Unsupported, decoder_shapes, gemm_calls, matmul_limits
 from vae_rt.peers import PEERS
 
 
@@ -96,6 +96,7 @@ def test_rows_measure_each_target_against_the_eager_reference(monkeypatch):
     for row in slow:  # four times the eager latency: a quarter of its speed
         assert row.p50_ms == pytest.approx(4.0) and row.vs_torch_eager == pytest.approx(0.25)
         assert row.samples_per_s == pytest.approx(row.batch / 0.004)
+        assert row.pct_of_peak == pytest.approx(100 * row.gflops / (2 / 0.5 / 1e9))  # against the one fake GEMM's rate
     assert eager[1].samples_per_s == pytest.approx(8 / 0.001)
     skipped = [r for r in rows if r.backend == "trt"]
     assert len(skipped) == 1 and skipped[0].runs_on == "skipped: TensorRT is not installed"
@@ -110,7 +111,7 @@ def test_limit_is_the_best_rate_over_libraries_and_shapes():
     assert limits["fp32"] == GemmLimit(pytest.approx(2 * 8192 * 512 * 784 / 0.05 / 1e9), "onnxruntime", own)  # the median
     assert limits["bf16"] == GemmLimit(pytest.approx(2 * 1024**3 / 0.02 / 1e9), "torch", square)
     assert limits["fp32"].describe().endswith(" (onnxruntime, 8192x512x784)")
-    assert limit_shapes(BUNDLED_CHECKPOINT, 8192) == [square, (8192, 2, 256), (8192, 256, 512), own]
+    assert SQUARE == square and decoder_shapes(BUNDLED_CHECKPOINT, 8192) == [(8192, 2, 256), (8192, 256, 512), own]
 
 
 @pytest.mark.parametrize("library", ["onnxruntime", "openvino"])
@@ -134,10 +135,11 @@ def test_limit_calls_cover_each_installed_library_and_only_asked_precisions():
         ENGINE_GEMMS["onnxruntime"](np.ones((2, 2), np.float32), np.ones((2, 2), np.float32), "bf16")
 
 
-def test_peers_are_timed_in_the_same_run():
+def test_peers_are_timed_in_the_same_run(monkeypatch):
     """One iteration of every peer but torch.compile (its first compile takes minutes on a small machine)."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("openvino")
+    monkeypatch.setattr("vae_rt.bench.SETTLE_SECONDS", 0.0)  # a smoke test: no pauses between rows
     peers = tuple(name for name in PEERS if name != "torch.compile")
     rows, _ = run_benchmarks([("auto", "fp32", "cpu")], [3], min_duration=0.0, rounds=1, peers=peers)
     timed = {(r.backend, r.precision) for r in rows if r.iterations}
@@ -173,15 +175,18 @@ def test_bad_batch_sizes():
         run_benchmarks([], [0])
 
 
-def test_cli_writes_json_and_plot(tmp_path):
+def test_cli_writes_json_and_plot(tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
+    monkeypatch.setattr("vae_rt.bench.SETTLE_SECONDS", 0.0)  # a smoke test: no pauses between rows
     result = CliRunner().invoke(app, ["bench", "--backends", "torch,ort", "--precisions", "fp32", "--batch-sizes", "1,8",
                                       "--duration", "0.01", "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "b.json").read_text())
     assert report["matmul_limit_gflops"]["fp32"] > 0
     assert set(report["matmul_limit_gflops"]) == {"fp32"}  # no bf16 row timed, so no bf16 GEMM timed either
-    assert report["matmul_limit_reached_by"]["fp32"]["library"] in ("torch", "onnxruntime", "openvino")
+    reached_by = report["matmul_limit_reached_by"]["fp32"]
+    timed_shapes = [SQUARE, *decoder_shapes(BUNDLED_CHECKPOINT, 1), *decoder_shapes(BUNDLED_CHECKPOINT, 8)]
+    assert reached_by["library"] in ("torch", "onnxruntime", "openvino") and tuple(reached_by["mkn"]) in timed_shapes
     assert {(r["backend"], r["batch"]) for r in report["rows"]} >= {("torch", 8), ("ort", 1), ("torch-eager", 1)}
     assert (tmp_path / "b.png").stat().st_size > 1000
     assert "samples/s" in result.output and "vs eager" in result.output

@@ -15,7 +15,7 @@ import torch
 from cli_runner import assert_one_line_error
 
 from vae_rt.backends import BaseBackend
-from vae_rt.files import STAGING_PREFIX, remove_leftovers, sha256_file
+from vae_rt.files import STAGING_PREFIX, TEMPORARY_SUFFIX, remove_leftovers, sha256_file
 from vae_rt.sampler import Sampler, draw_latents
 
 CLI = [sys.executable, "-m", "vae_rt"]
@@ -46,8 +46,10 @@ def test_sample_killed_mid_write_leaves_no_file_under_the_final_name(tmp_path):
     finally:
         proc.kill()
     assert not (tmp_path / "big.npy").exists()
-    remove_leftovers(tmp_path, ".big.npy.")  # what the next write of big.npy does first
-    assert not list(tmp_path.glob(".big.npy.*"))
+    (leftover,) = tmp_path.glob(".big.npy.*")
+    os.utime(leftover, (time.time() - 3600,) * 2)  # an hour later
+    remove_leftovers(tmp_path, ".big.npy.", TEMPORARY_SUFFIX)  # what the next write of big.npy does first
+    assert not leftover.exists()
 
 
 def test_export_killed_mid_write_leaves_no_file_under_the_final_name(tmp_path, random_checkpoint):
@@ -60,8 +62,10 @@ def test_export_killed_mid_write_leaves_no_file_under_the_final_name(tmp_path, r
         proc.kill()
     final = tmp_path / "out" / "random.fp32.onnx"
     assert not final.exists() and not (tmp_path / "out" / "random.fp32.onnx.json").exists()
+    (staging,) = (tmp_path / "out").iterdir()
+    os.utime(staging, (time.time() - 3600,) * 2)  # an hour later
     remove_leftovers(tmp_path / "out", STAGING_PREFIX)  # what the next export into out does first
-    assert not list((tmp_path / "out").iterdir())
+    assert not staging.exists()
 
 
 def test_onnx_with_other_io_names_exits_2(tmp_path):

@@ -36,7 +36,7 @@ from vae_rt.cache import onnx_entry_problem
 from vae_rt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vae_rt.data import load_mnist
 from vae_rt.errors import RuntimeFailure, Terminated, UserError, sigterm_as_interrupt
-from vae_rt.files import atomic_path, sha256_file, staging_dir
+from vae_rt.files import STAGING_PREFIX, TEMPORARY_SUFFIX, atomic_path, sha256_file, staging_dir
 from vae_rt.model import VAE, VAEConfig
 from vae_rt.output import check_output, stream_npy
 from vae_rt.resolve import cached_onnx
@@ -639,24 +639,29 @@ def test_serving_and_export_sizes_are_bounded(tmp_path, args):
 
 
 def test_a_write_removes_what_a_killed_run_left_and_only_that(tmp_path):
-    """Temporary names carry host and pid: a dead process's leftovers go, a live writer's and another host's stay."""
-    import socket
+    """Leftovers that no process holds locked and older than a minute go; a live writer's, a fresh one,
+    another file's and a foreign file stay."""
+    import fcntl
 
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True, text=True)
-    dead, host = int(finished.stdout), socket.gethostname()
-    leftover = tmp_path / f".m.onnx.{host}.{dead}.x1.tmp"
-    live = tmp_path / f".m.onnx.{host}.{os.getpid()}.x2.tmp"
-    elsewhere = tmp_path / f".m.onnx.other-host.{dead}.x3.tmp"
-    other_file = tmp_path / f".n.onnx.{host}.{dead}.x4.tmp"
-    staging = tmp_path / f".vae-rt-staging.{host}.{dead}.x5"
-    for path in (leftover, live, elsewhere, other_file):
+    hour_ago = time.time() - 3600
+    leftover = tmp_path / f".m.onnx.abc123{TEMPORARY_SUFFIX}"
+    held = tmp_path / f".m.onnx.def456{TEMPORARY_SUFFIX}"
+    fresh = tmp_path / f".m.onnx.ghi789{TEMPORARY_SUFFIX}"
+    other_file = tmp_path / f".n.onnx.abc123{TEMPORARY_SUFFIX}"
+    foreign = tmp_path / ".m.onnx.backup.tmp"
+    staging = tmp_path / f"{STAGING_PREFIX}xyz"
+    for path in (leftover, held, fresh, other_file, foreign):
         path.write_bytes(b"partial")
     (staging / "sub").mkdir(parents=True)
-    with atomic_path(tmp_path / "m.onnx") as tmp:
-        tmp.write_bytes(b"done")
-    assert not leftover.exists() and live.exists() and elsewhere.exists() and other_file.exists()
-    with staging_dir(tmp_path):
-        assert not staging.exists()
+    for path in (leftover, held, other_file, foreign, staging):
+        os.utime(path, (hour_ago, hour_ago))
+    with open(held, "rb") as writer:
+        fcntl.flock(writer, fcntl.LOCK_EX)  # as a live writer in another process holds it
+        with atomic_path(tmp_path / "m.onnx") as tmp:
+            tmp.write_bytes(b"done")
+    assert not leftover.exists() and held.exists() and fresh.exists() and other_file.exists() and foreign.exists()
+    with staging_dir(tmp_path) as mine:
+        assert not staging.exists() and mine.exists()
     assert (tmp_path / "m.onnx").read_bytes() == b"done"
 
 
@@ -672,4 +677,5 @@ def test_ctrl_c_while_the_cli_loads_is_one_line_and_exit_130():
         "main()\n"
     )
     result = subprocess.run([sys.executable, "-c", interrupt_the_import], check=False, capture_output=True, text=True)
-    assert result.returncode == 130 and result.stderr == "interrupted: while loading, before anything was done\n"
+    assert result.returncode == 130 and result.stderr.splitlines()[-1] == "interrupted: while loading, before anything was done"
+    assert "Traceback" not in result.stderr

@@ -25,7 +25,7 @@ import torch
 from vae_rt.backends.auto import AutoBackend
 from vae_rt.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
 from vae_rt.errors import UserError
-from vae_rt.gemm_limits import GemmKey, GemmLimit, gemm_calls, limit_shapes, matmul_limits
+from vae_rt.gemm_limits import SQUARE, GemmKey, GemmLimit, decoder_shapes, gemm_calls, matmul_limits
 from vae_rt.limits import MAX_BATCH, MAX_BENCH_DURATION
 from vae_rt.machine import cpu_isa, cpu_model
 from vae_rt.peers import open_peers
@@ -149,6 +149,7 @@ def run_benchmarks(
             rows.append(_skipped(backend, precision, device, str(error)))
     reference = reference_decoder(checkpoint)
     computed_in = {engine.precision for s in samplers for engine in s.backend.engines()}
+    square = gemm_calls([SQUARE], computed_in)
     matmul_latencies: dict[GemmKey, list[float]] = {}
     work_dir = tempfile.TemporaryDirectory(prefix="vae-rt-peers-")
     opened_peers, skipped_peers = open_peers(peers, checkpoint, cached_onnx(checkpoint, "fp32"), Path(work_dir.name)) if peers else ([], [])
@@ -157,7 +158,7 @@ def run_benchmarks(
     try:
         for batch in batch_sizes:
             z = draw_latents(batch, config.z_dim, seed=batch)
-            matmuls = gemm_calls(limit_shapes(checkpoint, batch), computed_in)  # timed in the same rounds as the rows
+            matmuls = square | gemm_calls(decoder_shapes(checkpoint, batch), computed_in)  # timed in the same rounds as the rows
             calls = [_end_to_end(reference, z, "cpu")] + [_end_to_end(s.decode, z, s.backend.device) for s in samplers]
             calls += [peer.prepare(z) for peer in opened_peers]
             latencies: list[list[float]] = [[] for _ in calls]
@@ -170,12 +171,9 @@ def run_benchmarks(
                         calls[index], warmup=0.2 if round_ == 0 else 0.0, settle=SETTLE_SECONDS,
                         min_duration=min_duration / rounds, min_iterations=max(2, 10 // rounds),
                     ).latencies
-                previous_library = ""
-                for key in sorted(matmuls, key=lambda key: key[1]):  # one library after another: a pause only between them
-                    settle = SETTLE_SECONDS if key[1] != previous_library else 0.0
-                    previous_library = key[1]
+                for key, matmul in matmuls.items():  # each after a pause: every ORT GEMM is a session with its own threads
                     matmul_latencies.setdefault(key, []).extend(
-                        time_calls(matmuls[key], warmup=0.0, settle=settle, min_duration=0.0, min_iterations=3).latencies
+                        time_calls(matmul, warmup=0.0, settle=SETTLE_SECONDS, min_duration=0.0, min_iterations=3).latencies
                     )
             eager = _row(REFERENCE, "fp32", "cpu", batch, "torch fp32 eager (nn.Module, no_grad)", Timing(latencies[0]), flop)
             batch_rows = [eager] + [

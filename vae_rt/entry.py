@@ -10,6 +10,7 @@ import sys
 
 
 def main() -> None:
+    """Import the CLI and run it; Ctrl-C during the import is one line, exit 130."""
     try:
         from vae_rt.cli import main as run_cli
     except KeyboardInterrupt:

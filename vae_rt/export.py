@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from vae_rt.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
 from vae_rt.data import load_mnist
 from vae_rt.errors import RuntimeFailure, UserError, require
 from vae_rt.evaluate import to_pixels
-from vae_rt.files import atomic_path, make_dir, sha256_file
+from vae_rt.files import atomic_path, make_dir, sha256_file, staging_dir
 from vae_rt.model import INPUT_NAME, OUTPUT_NAME, VAE, Decoder
 from vae_rt.overflow import reference_peaks
 from vae_rt.parity import ParityReport, compare, parity_latents
@@ -144,8 +143,8 @@ def _export_int8(model: VAE, path: Path, train_pixels: torch.Tensor) -> dict[str
     """The fp32 graph (with the exact sigmoid), quantized to static QDQ int8 into `path`; returns the settings."""
     from vae_rt.quantize import calibration_latents, quantize_int8
 
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".int8-") as work:
-        fp32_path = Path(work) / "decoder.fp32.onnx"
+    with staging_dir(path.parent) as work:  # beside `path`, e.g. in the cache: cleaned up even after a SIGKILL
+        fp32_path = work / "decoder.fp32.onnx"
         _torch_export(ReducedDecoder(model.decoder(), torch.float32), model.config.z_dim, fp32_path)
         return quantize_int8(fp32_path, path, calibration_latents(model, train_pixels))
 

@@ -6,13 +6,14 @@ hand to the disk without a copy."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import hashlib
 import math
 import os
 import shutil
-import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,8 @@ import torch
 from vae_rt.errors import UserError
 
 STAGING_PREFIX = ".vae-rt-staging."
+TEMPORARY_SUFFIX = ".vae-rt.tmp"
+LEFTOVER_AGE = 60.0  # seconds: a temporary file or folder this old that no process holds is a killed run's
 BLOCK = 4096  # O_DIRECT needs block-aligned offsets, sizes and memory: a page is a multiple of any disk's block
 
 
@@ -29,18 +32,19 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`, on failure removed.
 
     The temporary file lives in the same folder so the rename is atomic (same file system); two
-    processes writing the same path end with one complete file, never a mix.
+    processes writing the same path end with one complete file, never a mix. It is locked while
+    written, so that `remove_leftovers`, run first, removes only what killed runs left.
     """
     path = Path(path)
-    remove_leftovers(path.parent, f".{path.name}.")
+    remove_leftovers(path.parent, f".{path.name}.", TEMPORARY_SUFFIX)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner_tag()}", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
     except OSError as err:
         raise _naming(err, path) from err
-    os.close(fd)
     tmp_path = Path(tmp)
-    tmp_path.chmod(0o644)  # mkstemp's 0600 would make artifacts unreadable to other users
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        tmp_path.chmod(0o644)  # mkstemp's 0600 would make artifacts unreadable to other users
         yield tmp_path
         os.replace(tmp_path, path)
     except OSError as err:
@@ -49,51 +53,50 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise _naming(err, path) from err  # the user named `path`; the temporary name means nothing to them
     finally:
         tmp_path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 @contextlib.contextmanager
 def staging_dir(folder: Path) -> Iterator[Path]:
     """Yield a fresh hidden folder inside `folder`, removed with what is left in it on the way out: files
-    made there reach `folder` by rename (same file system), so a run that fails leaves `folder` as it was."""
+    made there reach `folder` by rename (same file system), so a run that fails leaves `folder` as it was.
+    Locked while in use, like `atomic_path`'s files."""
     remove_leftovers(Path(folder), STAGING_PREFIX)
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{owner_tag()}", dir=folder))
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
     except OSError as err:
         raise _naming(err, Path(folder)) from err
+    fd = os.open(staging, os.O_RDONLY)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        os.close(fd)
 
 
-def owner_tag() -> str:
-    """`<host>.<pid>.`: in a temporary name, it says which process may still be writing it."""
-    return f"{socket.gethostname()}.{os.getpid()}."
-
-
-def remove_leftovers(folder: Path, prefix: str) -> None:
-    """Remove the temporary files and folders named `<prefix><host>.<pid>.*` that a process of this host
-    left in `folder` when it was killed outright (SIGKILL, out of memory): those whose process is gone.
-    A live writer's, and another host's on a shared file system, are left alone."""
-    host = socket.gethostname()
-    for entry in Path(folder).glob(f"{glob.escape(prefix + host)}.*"):
-        pid = entry.name[len(prefix) + len(host) + 1:].split(".", 1)[0]
-        if pid.isdigit() and not _is_running(int(pid)):
-            if entry.is_dir() and not entry.is_symlink():
+def remove_leftovers(folder: Path, prefix: str, suffix: str = "") -> None:
+    """Remove the temporary files or folders `<prefix>*<suffix>` in `folder` that no process holds locked:
+    what runs killed outright (SIGKILL, the out-of-memory killer) left there. Those younger than
+    LEFTOVER_AGE are kept too: a writer may not have locked its own yet."""
+    now = time.time()
+    for entry in Path(folder).glob(f"{glob.escape(prefix)}*{glob.escape(suffix)}"):
+        try:
+            if entry.is_symlink() or now - entry.stat().st_mtime < LEFTOVER_AGE:
+                continue
+            fd = os.open(entry, os.O_RDONLY)
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError while a live writer holds it
+            if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
-                with contextlib.suppress(OSError):  # e.g. another user's: not this run's to fail on
-                    entry.unlink()
-
-
-def _is_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
+                entry.unlink()
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def _naming(err: OSError, path: Path) -> OSError:

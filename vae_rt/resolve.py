@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 ENGINE_DIR_ENV = "VAE_RT_ENGINE_DIR"
 PRECISION_CHOICES = (*PRECISIONS, "auto")  # auto: the fastest precision whose quality gate passed (CPU)
-FAILED_EXPORTS: dict[Path, RuntimeFailure] = {}  # cache entry -> why its export failed in this process
+FAILED_EXPORTS: dict[Path, str] = {}  # cache entry -> why its export failed in this process (its file named)
 KINDS = {".pth": "checkpoint", ".pt": "checkpoint", ".onnx": "onnx", ".plan": "plan", ".engine": "plan"}
 
 
@@ -218,16 +218,21 @@ def cached_onnx(checkpoint: Path, precision: str) -> Path:
             return path
         log.warning("%s cannot be used (%s): exporting it again", describe(path), problem)
     if path in FAILED_EXPORTS:  # e.g. an int8 that failed its gate, asked for again by another int8 engine
-        raise FAILED_EXPORTS[path]
+        raise RuntimeFailure(_named_by(checkpoint, precision, path, FAILED_EXPORTS[path]))
     read_checkpoint(checkpoint)  # a bad checkpoint is refused before the notice of an export that cannot start
     notice.info("exporting %s to ONNX %s (once; cached in %s)", checkpoint.name, precision, out_dir)
     try:
         return export_onnx(checkpoint, out_dir, precision, name=digest[:16]).path
     except OSError as err:  # a full or read-only cache: the variable is what the user can change
         raise cache_error(path, err.strerror or str(err)) from err
-    except RuntimeFailure as err:  # named by the checkpoint the user gave, not by the cache entry's digest
-        failure = FAILED_EXPORTS[path] = RuntimeFailure(str(err).replace(path.name, f"the {precision} export of {checkpoint.name}"))
-        raise failure from err
+    except RuntimeFailure as err:
+        FAILED_EXPORTS[path] = str(err)  # the message only: the error's frames hold the training set
+        raise RuntimeFailure(_named_by(checkpoint, precision, path, str(err))) from err
+
+
+def _named_by(checkpoint: Path, precision: str, entry: Path, message: str) -> str:
+    """A failed export's message about the cache entry, naming the checkpoint the user gave instead of its digest."""
+    return message.replace(entry.name, f"the {precision} export of {checkpoint.name}")
 
 
 def cached_engine(path: Path, kind: str, serving_batch: int = DEFAULT_OPT_BATCH) -> Path:

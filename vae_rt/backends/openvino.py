@@ -59,20 +59,14 @@ class OpenVinoBackend(BaseBackend):
 
     def _open(self) -> None:
         ov = require("openvino", extra="cpu")
-        import openvino.properties as props
         import openvino.properties.hint as hints
 
         core = openvino_core()
         if self.precision == "bf16" and not native_bf16():
             raise EngineUnavailable("precision bf16: this CPU has no native bf16 (OpenVINO reports no BF16 capability)")
         wanted = ov.Type.bf16 if self.precision == "bf16" else ov.Type.f32  # int8: what is not quantized runs in fp32
-        config = {
-            hints.inference_precision: wanted,
-            hints.performance_mode: hints.PerformanceMode.LATENCY,  # one stream on all threads: one caller, one batch at a time
-            props.inference_num_threads: self.threads,
-        }
         try:
-            compiled = core.compile_model(str(self.onnx_path), "CPU", config)
+            compiled = core.compile_model(str(self.onnx_path), "CPU", cpu_config(wanted, self.threads))
         except RuntimeError as err:
             raise EngineUnavailable(f"{self.onnx_path}: openvino cannot compile it: {openvino_reason(err)}") from err
         actual = compiled.get_property(hints.inference_precision)
@@ -103,6 +97,19 @@ class OpenVinoBackend(BaseBackend):
         # A graph that computes fewer rows or pixels than it declares shrinks the tensor and leaves the rest unwritten.
         check_output_shape(self.describe, rows, self.x_dim, written.shape)
         return out if out is not None else torch.from_numpy(pixels.reshape(rows, *IMAGE_SHAPE))
+
+
+def cpu_config(precision: Any, threads: int) -> dict[str, Any]:
+    """How vae-rt compiles for OpenVINO's CPU plugin: at inference precision `precision` (an `openvino.Type`),
+    one stream on `threads` threads (one caller, one batch at a time)."""
+    import openvino.properties as props
+    import openvino.properties.hint as hints
+
+    return {
+        hints.inference_precision: precision,
+        hints.performance_mode: hints.PerformanceMode.LATENCY,
+        props.inference_num_threads: threads,
+    }
 
 
 def check_request(precision: str | None, device: str) -> None:
