@@ -43,7 +43,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise _naming(err, path) from err
     tmp_path = Path(tmp)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        hold_lock(fd)
         tmp_path.chmod(0o644)  # mkstemp's 0600 would make artifacts unreadable to other users
         yield tmp_path
         os.replace(tmp_path, path)
@@ -68,11 +68,18 @@ def staging_dir(folder: Path) -> Iterator[Path]:
         raise _naming(err, Path(folder)) from err
     fd = os.open(staging, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        hold_lock(fd)
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         os.close(fd)
+
+
+def hold_lock(fd: int) -> None:
+    """Lock `fd` for as long as it is open, where the file system can (some network and FUSE ones cannot:
+    their leftovers are then never taken for a killed run's, so nothing is removed there)."""
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_EX)
 
 
 def remove_leftovers(folder: Path, prefix: str, suffix: str = "") -> None:
@@ -80,7 +87,11 @@ def remove_leftovers(folder: Path, prefix: str, suffix: str = "") -> None:
     what runs killed outright (SIGKILL, the out-of-memory killer) left there. Those younger than
     LEFTOVER_AGE are kept too: a writer may not have locked its own yet."""
     now = time.time()
-    for entry in Path(folder).glob(f"{glob.escape(prefix)}*{glob.escape(suffix)}"):
+    try:
+        entries = list(Path(folder).glob(f"{glob.escape(prefix)}*{glob.escape(suffix)}"))
+    except OSError:  # a folder that cannot be listed: the write itself will say what is wrong
+        return
+    for entry in entries:
         try:
             if entry.is_symlink() or now - entry.stat().st_mtime < LEFTOVER_AGE:
                 continue
