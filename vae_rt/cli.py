@@ -159,6 +159,8 @@ def main_options(
                         force=True)
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):  # the exporter's internals, not about the model
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # torch.compile's (bench --peers) "No CUDA runtime is found" on a CPU host with CUDA_HOME set: nothing to act on
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     handler = logging.StreamHandler()  # made per run: it binds the stderr of the moment
     handler.setFormatter(logging.Formatter("%(message)s"))
     notice.handlers = [handler]
