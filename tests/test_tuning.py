@@ -193,6 +193,24 @@ def test_auto_backend_dispatches_by_batch_size_and_keeps_only_winners(monkeypatc
         assert "cached in" in auto.why and auto.engine_for(5000) == "openvino fp32"
 
 
+def test_one_engine_for_every_size_takes_every_call_without_the_dispatcher(monkeypatch):
+    made = {}
+
+    def make(backend, precision):
+        return made.setdefault(f"{backend} {precision}", FakeEngine(f"{backend} {precision}"))
+
+    fastest_everywhere = {**TIMINGS, "ort fp32": {probe: 1e-9 for probe in TIMINGS["ort fp32"]}}
+    monkeypatch.setattr(tuning, "measure", lambda calls, z_dim: fastest_everywhere)
+    monkeypatch.setattr(tuning, "measure_switches", lambda calls, timings, z_dim: {})
+    with AutoBackend([("ort", "fp32"), ("openvino", "fp32"), ("torch", "fp32")], make, "ee" * 32, 2) as auto:
+        monkeypatch.setattr(auto._dispatch, "choose", lambda rows, now: pytest.fail("nothing to choose"))
+        for rows in (1, 5000, 3):
+            auto.decode(torch.zeros(rows, 2))
+        assert made["ort fp32"].batches == [1, 5000, 3] and made["openvino fp32"].closed
+    with pytest.raises(RuntimeError, match="before open"):
+        auto.decode(torch.zeros(1, 2))
+
+
 def test_an_engine_that_cannot_run_here_is_left_out_of_the_timing_with_its_reason(monkeypatch, caplog):
     from vae_rt.errors import EngineUnavailable, UserError
 
