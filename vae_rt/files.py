@@ -6,7 +6,6 @@ hand to the disk without a copy."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import glob
 import hashlib
 import math
@@ -20,6 +19,11 @@ from pathlib import Path
 import torch
 
 from vae_rt.errors import UserError
+
+try:
+    import fcntl  # POSIX: the lock that tells a live writer's temporary file from a killed run's
+except ImportError:  # Windows: temporary files are not locked, and no leftovers are removed
+    fcntl = None
 
 STAGING_PREFIX = ".vae-rt-staging."
 TEMPORARY_SUFFIX = ".vae-rt.tmp"
@@ -41,19 +45,19 @@ def atomic_path(path: Path) -> Iterator[Path]:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
     except OSError as err:
         raise _naming(err, path) from err
+    os.close(fd)
     tmp_path = Path(tmp)
     try:
-        hold_lock(fd)
-        tmp_path.chmod(0o644)  # mkstemp's 0600 would make artifacts unreadable to other users
-        yield tmp_path
-        os.replace(tmp_path, path)
+        with lock_held(tmp_path):
+            tmp_path.chmod(0o644)  # mkstemp's 0600 would make artifacts unreadable to other users
+            yield tmp_path
+            os.replace(tmp_path, path)
     except OSError as err:
         if str(tmp_path) not in (err.filename, err.filename2):
             raise
         raise _naming(err, path) from err  # the user named `path`; the temporary name means nothing to them
     finally:
         tmp_path.unlink(missing_ok=True)
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -66,26 +70,35 @@ def staging_dir(folder: Path) -> Iterator[Path]:
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
     except OSError as err:
         raise _naming(err, Path(folder)) from err
-    fd = os.open(staging, os.O_RDONLY)
     try:
-        hold_lock(fd)
-        yield staging
+        with lock_held(staging):
+            yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def lock_held(path: Path) -> Iterator[None]:
+    """An exclusive flock on `path` (a file or a folder) while the block runs, where there is one: not on
+    Windows, nor on some network and FUSE file systems, whose leftovers are then never removed."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
         os.close(fd)
-
-
-def hold_lock(fd: int) -> None:
-    """Lock `fd` for as long as it is open, where the file system can (some network and FUSE ones cannot:
-    their leftovers are then never taken for a killed run's, so nothing is removed there)."""
-    with contextlib.suppress(OSError):
-        fcntl.flock(fd, fcntl.LOCK_EX)
 
 
 def remove_leftovers(folder: Path, prefix: str, suffix: str = "") -> None:
     """Remove the temporary files or folders `<prefix>*<suffix>` in `folder` that no process holds locked:
     what runs killed outright (SIGKILL, the out-of-memory killer) left there. Those younger than
     LEFTOVER_AGE are kept too: a writer may not have locked its own yet."""
+    if fcntl is None:
+        return
     now = time.time()
     try:
         entries = list(Path(folder).glob(f"{glob.escape(prefix)}*{glob.escape(suffix)}"))
