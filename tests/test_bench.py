@@ -114,6 +114,25 @@ def test_limit_is_the_best_rate_over_libraries_and_shapes():
     assert SQUARE == square and decoder_shapes(BUNDLED_CHECKPOINT, 8192) == [(8192, 2, 256), (8192, 256, 512), own]
 
 
+def test_a_bf16_peer_is_measured_against_a_bf16_limit(monkeypatch):
+    """A bf16 peer row gets bf16 GEMMs timed, even when no vae-rt row computes in bf16 (else its % of peak is fp32's)."""
+    import vae_rt.bench as bench_module
+    from vae_rt.peers import Peer
+
+    asked = []
+
+    def gemm_calls(shapes, precisions):
+        asked.append(set(precisions))
+        return {("fp32", "torch", (1, 1, 1)): lambda: None}
+
+    monkeypatch.setattr(bench_module, "gemm_calls", gemm_calls)
+    bf16_peer = Peer("peer openvino", "bf16", "a fake bf16 peer", lambda z: lambda: None)
+    monkeypatch.setattr(bench_module, "open_peers", lambda *args: ([bf16_peer], []))
+    monkeypatch.setattr(bench_module, "SETTLE_SECONDS", 0.0)
+    run_benchmarks([("torch", "fp32", "cpu")], [1], min_duration=0.0, rounds=1, peers=("openvino-bf16",))
+    assert asked and all("bf16" in precisions for precisions in asked)
+
+
 @pytest.mark.parametrize("library", ["onnxruntime", "openvino"])
 def test_engine_gemms_compute_the_product(library):
     """A limit is only honest if the timed call does the whole GEMM: its product is checked."""

@@ -36,7 +36,7 @@ from vae_rt.cache import onnx_entry_problem
 from vae_rt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vae_rt.data import load_mnist
 from vae_rt.errors import RuntimeFailure, Terminated, UserError, sigterm_as_interrupt
-from vae_rt.files import STAGING_PREFIX, TEMPORARY_SUFFIX, atomic_path, sha256_file, staging_dir
+from vae_rt.files import STAGING_PREFIX, TEMPORARY_SUFFIX, atomic_path, remove_leftovers, sha256_file, staging_dir
 from vae_rt.model import VAE, VAEConfig
 from vae_rt.output import check_output, stream_npy
 from vae_rt.resolve import cached_onnx
@@ -662,7 +662,20 @@ def test_a_write_removes_what_a_killed_run_left_and_only_that(tmp_path):
     assert not leftover.exists() and held.exists() and fresh.exists() and other_file.exists() and foreign.exists()
     with staging_dir(tmp_path) as mine:
         assert not staging.exists() and mine.exists()
-    assert (tmp_path / "m.onnx").read_bytes() == b"done"
+        os.utime(mine, (hour_ago, hour_ago))  # a long export: its own staging folder is locked, so kept
+        remove_leftovers(tmp_path, STAGING_PREFIX)
+        assert mine.exists()
+    with atomic_path(tmp_path / "m.onnx") as tmp:
+        tmp.write_bytes(b"again")
+        os.utime(tmp, (hour_ago, hour_ago))  # a long write: its own temporary file is locked, so kept
+        remove_leftovers(tmp_path, ".m.onnx.", TEMPORARY_SUFFIX)
+        assert tmp.exists()
+    assert (tmp_path / "m.onnx").read_bytes() == b"again"
+    fifo = tmp_path / f".m.onnx.fifo{TEMPORARY_SUFFIX}"
+    os.mkfifo(fifo)
+    os.utime(fifo, (hour_ago, hour_ago))
+    remove_leftovers(tmp_path, ".m.onnx.", TEMPORARY_SUFFIX)  # not opened (it would block), not removed
+    assert fifo.exists()
 
 
 def test_ctrl_c_while_the_cli_loads_is_one_line_and_exit_130():

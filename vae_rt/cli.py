@@ -455,7 +455,7 @@ def bench(
                                       peers=tuple(PEERS) if peers else ())
     machine = describe_machine()
     rates = ", ".join(f"{precision} {limit.describe()}" for precision, limit in limits.items())
-    out.print(f"CPU matmul limit (best GEMM rate over torch, onnxruntime, openvino; GFLOP/s), measured in the same run: {rates} ({machine})")
+    out.print(f"CPU matmul limit (best GEMM rate of the libraries here, GFLOP/s), measured in the same run: {rates} ({machine})")
     table = Table("backend", "prec", "device", "batch", "samples/s", "p50 ms", "p99 ms", "GFLOP/s", "vs eager", "% peak", "CV")
     for r in rows:
         if not r.iterations:

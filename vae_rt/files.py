@@ -11,6 +11,7 @@ import hashlib
 import math
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -106,9 +107,10 @@ def remove_leftovers(folder: Path, prefix: str, suffix: str = "") -> None:
         return
     for entry in entries:
         try:
-            if entry.is_symlink() or now - entry.stat().st_mtime < LEFTOVER_AGE:
-                continue
-            fd = os.open(entry, os.O_RDONLY)
+            found = entry.lstat()
+            if not (stat.S_ISREG(found.st_mode) or stat.S_ISDIR(found.st_mode)) or now - found.st_mtime < LEFTOVER_AGE:
+                continue  # a link, a FIFO (opening it would block) or the like is none of ours; a young one may be
+            fd = os.open(entry, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
         except OSError:  # gone meanwhile, or not ours to read
             continue
         try:

@@ -26,7 +26,6 @@ from vae_rt.timing import Timing
 
 log = logging.getLogger(__name__)
 
-SQUARE_SIZE = 1024  # [1024, 1024] @ [1024, 1024] [1024, 1024] @ [1024, 1024]: a BLAS's best case, beside the decoder's own GEMMs
 LIMIT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ONNX_IR_VERSION = 9  # what every supported onnxruntime and openvino reads
 ONNX_OPSET = 13  # MatMul has not changed since
