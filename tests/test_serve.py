@@ -177,3 +177,43 @@ def test_load_benchmark_runs_one_round():
     rows = [line.split() for line in done.stdout.splitlines() if line.split()[:2] == ["2", "1"]]
     assert [row[2] for row in rows] == ["decoder", "noop"]
     assert "errors + wrong + lost over every run: 0" in done.stdout
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_ctrl_c_while_the_model_is_bound_stops_without_a_traceback(monkeypatch, signals):
+    """PyTriton prints a KeyboardInterrupt raised inside its bind(): the first Ctrl-C then waits for the
+    binding and stops after it, without serving; a second one stops at once."""
+    import signal
+    from types import SimpleNamespace
+
+    import vae_rt.serve as serve_module
+    from vae_rt.serve_options import ServeOptions
+
+    events = []
+
+    class FakeTriton:  # what serve_model uses of pytriton.triton.Triton
+        def __init__(self, config, workspace):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            events.append("stopped")
+
+        def bind(self, **model):
+            for _ in range(signals):
+                signal.raise_signal(signal.SIGINT)  # Ctrl-C while PyTriton waits for the model to load
+            events.append("bound")
+
+        def serve(self):
+            events.append("served")
+
+    fakes = {
+        "pytriton.triton": SimpleNamespace(TritonConfig=lambda **config: None, Triton=FakeTriton),
+        "pytriton.model_config": SimpleNamespace(Tensor=dict, ModelConfig=dict, DynamicBatcher=dict),
+    }
+    monkeypatch.setattr(serve_module, "require", lambda name, extra: fakes[name])
+    monkeypatch.setattr(ServeOptions, "check", lambda self: None)
+    serve_module.serve_model(lambda **inputs: None, 2, ServeOptions(), on_ready=lambda: events.append("ready"))
+    assert events == (["bound", "stopped"] if signals == 1 else ["stopped"])

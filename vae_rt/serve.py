@@ -101,11 +101,16 @@ def serve_model(
             allow_gpu_metrics=False, exit_timeout_secs=EXIT_TIMEOUT_S,
             log_file=None if options.triton_log else Path(scratch) / "triton.log",
         )
-        stop_requested = []
+        stop_requested: list[int] = []
+        serving = []  # not empty once Triton serves the model
 
         def request_stop(signum: int, frame: object) -> None:
             stop_requested.append(signum)
-            raise KeyboardInterrupt  # PyTriton's serve() answers it by draining Triton and returning
+            # PyTriton's serve() answers KeyboardInterrupt by draining Triton and returning. While the model
+            # is being bound, one raised in PyTriton's code is printed as a traceback: the first signal then
+            # waits for the binding (seconds) and stops after it; a second one stops at once.
+            if serving or len(stop_requested) > 1:
+                raise KeyboardInterrupt
 
         previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -122,6 +127,9 @@ def serve_model(
                     )
                 except InferenceServerException as error:
                     raise UserError(f"Triton could not load the model {name}: {first_line(error.message())}") from None
+                if stop_requested:  # asked to stop while the model was being bound
+                    return
+                serving.append(True)
                 on_ready()
                 server.serve()  # returns after Triton drained on Ctrl-C/SIGTERM, or when Triton died
         except KeyboardInterrupt:
