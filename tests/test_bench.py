@@ -128,6 +128,7 @@ def test_a_bf16_peer_is_measured_against_a_bf16_limit(monkeypatch):
     monkeypatch.setattr(bench_module, "gemm_calls", gemm_calls)
     bf16_peer = Peer("peer openvino", "bf16", "a fake bf16 peer", lambda z: lambda: None)
     monkeypatch.setattr(bench_module, "open_peers", lambda *args: ([bf16_peer], []))
+    monkeypatch.setattr(bench_module, "cached_onnx", lambda checkpoint, precision: None)  # the fake peer reads no file
     monkeypatch.setattr(bench_module, "SETTLE_SECONDS", 0.0)
     run_benchmarks([("torch", "fp32", "cpu")], [1], min_duration=0.0, rounds=1, peers=("openvino-bf16",))
     assert asked and all("bf16" in precisions for precisions in asked)
