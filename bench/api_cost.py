@@ -4,7 +4,8 @@ Both calls go to the same ONNX Runtime session (the one inside an `ort` sampler)
 is vae-rt's code alone: the latents' checks, dispatch, and wrapping the result as a torch tensor.
 The two alternate in `--rounds` rounds (the drift of a shared machine hits both alike); each
 round's ratio is printed, then the median. A third call, `decode` through `--backend auto`, shows
-what the per-batch-size dispatch adds.
+what the per-batch-size dispatch adds; a fourth, latents given as a numpy array, what checking and
+converting a torch tensor adds.
 
 Run: `python bench/api_cost.py [--rounds 7] [--calls 20000]`
 """
@@ -45,6 +46,7 @@ def main() -> None:
         timed = {
             "raw session.run": lambda: session.run([OUTPUT_NAME], feed),
             "Sampler.decode (ort)": lambda: ort_sampler.decode(z),
+            "Sampler.decode (ort, numpy latents)": lambda: ort_sampler.decode(feed[INPUT_NAME]),
             f"Sampler.decode (auto: {auto.backend.engine_for(1)})": lambda: auto.decode(z),
         }
         ratios: dict[str, list[float]] = {name: [] for name in list(timed)[1:]}
