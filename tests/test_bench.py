@@ -234,6 +234,11 @@ def test_after_call_script_runs():
     assert "ort fp32 on CPUExecutionProvider, batch 4" in output and "check_latents(tensor)" in output
 
 
+def test_api_cost_script_runs():
+    output = _run_script("api_cost.py", "--rounds", 1, "--calls", 3)
+    assert "median of 1: Sampler.decode (ort) = " in output and "median of 1: Sampler.decode (ort, numpy latents) = " in output
+
+
 def test_mixed_sizes_script_runs():
     output = _run_script("mixed_sizes.py", "--calls", 6, "--max-batch", 64, "--rounds", 1)
     assert "6 calls" in output and "median of 1: auto " in output and "always switching" in output
