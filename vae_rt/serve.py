@@ -102,7 +102,7 @@ def serve_model(
             log_file=None if options.triton_log else Path(scratch) / "triton.log",
         )
         stop_requested: list[int] = []
-        serving = []  # not empty once Triton serves the model
+        serving = False  # True once Triton serves the model (read by request_stop)
 
         def request_stop(signum: int, frame: object) -> None:
             stop_requested.append(signum)
@@ -129,7 +129,7 @@ def serve_model(
                     raise UserError(f"Triton could not load the model {name}: {first_line(error.message())}") from None
                 if stop_requested:  # asked to stop while the model was being bound
                     return
-                serving.append(True)
+                serving = True
                 on_ready()
                 server.serve()  # returns after Triton drained on Ctrl-C/SIGTERM, or when Triton died
         except KeyboardInterrupt:
