@@ -120,13 +120,14 @@ def test_a_file_openvino_cannot_compile_is_one_line_with_its_reason_not_its_sour
     from vae_rt.backends.openvino import OpenVinoBackend
     from vae_rt.errors import EngineUnavailable
 
-    nodes = [helper.make_node("MatMul", ["z", "W"], ["h"]), helper.make_node("Frobnicate", ["h"], ["q"]),
+    # an op of its own domain: onnx.checker lets it pass (an unknown op of ONNX's domain it refuses first)
+    nodes = [helper.make_node("MatMul", ["z", "W"], ["h"]), helper.make_node("Frobnicate", ["h"], ["q"], domain="com.example"),
              helper.make_node("Sigmoid", ["q"], ["image"])]
     graph = helper.make_graph(nodes, "unknown-op", [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 2])],
                               [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 784])],
                               [numpy_helper.from_array(np.ones((2, 784), np.float32), "W")])
     path = tmp_path / "unknown-op.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.example", 1)]), str(path))
     with pytest.raises(EngineUnavailable) as caught:
         OpenVinoBackend(path).open()
     message = str(caught.value)

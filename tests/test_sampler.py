@@ -20,13 +20,15 @@ def test_chunk_bounds_cover_the_range_exactly():
         chunk_bounds(3, 0)
 
 
-def test_decode_before_open_is_an_error(random_checkpoint):
+def test_decode_before_open_or_after_close_is_an_error(random_checkpoint):
     backend = get_backend("torch", checkpoint=random_checkpoint, precision="fp32", device="cpu")
-    with pytest.raises(RuntimeError, match="before open"):
+    with pytest.raises(RuntimeError, match="torch backend is not open"):
         backend.decode(torch.zeros(1, 2))
     with backend:
         assert backend.decode(np.zeros((3, 2), dtype=np.float32)).shape == (3, 1, 28, 28)
     assert not backend.is_open
+    with pytest.raises(RuntimeError, match="inside its `with` block"):
+        backend.decode(torch.zeros(1, 2))
 
 
 @pytest.mark.parametrize(

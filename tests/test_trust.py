@@ -36,7 +36,15 @@ from vae_rt.cache import onnx_entry_problem
 from vae_rt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vae_rt.data import load_mnist
 from vae_rt.errors import RuntimeFailure, Terminated, UserError, sigterm_as_interrupt
-from vae_rt.files import STAGING_PREFIX, TEMPORARY_SUFFIX, atomic_path, remove_leftovers, sha256_file, staging_dir
+from vae_rt.files import (
+    STAGING_PREFIX,
+    TEMPORARY_SUFFIX,
+    atomic_path,
+    new_folder,
+    remove_leftovers,
+    sha256_file,
+    staging_dir,
+)
 from vae_rt.model import VAE, VAEConfig
 from vae_rt.output import check_output, stream_npy
 from vae_rt.resolve import cached_onnx
@@ -423,6 +431,24 @@ def test_ctrl_c_in_train_says_which_checkpoint_is_on_disk(tmp_path, monkeypatch,
     assert "nothing was written" not in output
 
 
+def test_folders_a_failed_run_created_are_removed_again_and_no_others(tmp_path):
+    with pytest.raises(KeyboardInterrupt), new_folder(tmp_path / "new" / "deeper", "out_dir"):
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeFailure), new_folder(tmp_path / "kept" / "written" / "empty", "out_dir") as made:
+        (made.parent / "result.txt").write_text("written before the failure")
+        raise RuntimeFailure("late failure")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["kept", "kept/written", "kept/written/result.txt"]
+
+
+@pytest.mark.parametrize("command", [["export", "--precision", "fp32,int8", "--out-dir"], ["train", "--epochs", 1, "--out"]])
+def test_a_run_refused_for_missing_mnist_leaves_no_folder_it_made(tmp_path, monkeypatch, command):
+    monkeypatch.setenv("VAE_RT_MNIST_DIR", str(tmp_path / "no-mnist"))
+    assert_one_line_error([*command, tmp_path / "new" / "deeper"], "no-mnist does not exist")
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------- 4. unbounded work
 
 
@@ -600,6 +626,29 @@ def test_an_onnx_that_computes_another_shape_than_it_declares_fails_in_one_line(
     assert not (tmp_path / "x.npy").exists()
 
 
+@pytest.mark.parametrize("backend", ["ort", "openvino"])
+def test_an_onnx_without_an_opset_is_refused_alike_by_every_backend(tmp_path, backend):
+    """A file cut short by a few bytes can lose its opset and still parse: OpenVINO ran such a model."""
+    pytest.importorskip("onnxruntime" if backend == "ort" else "openvino")
+    model = onnx.load(str(_tiny_onnx(tmp_path / "whole.onnx")))
+    del model.opset_import[:]
+    onnx.save(model, str(tmp_path / "no-opset.onnx"))
+    assert_one_line_error(["sample", "--model", tmp_path / "no-opset.onnx", "--backend", backend, "-n", 4, "--out", tmp_path / "x.npy"],
+                          "not a valid ONNX model", "opset_import")
+
+
+def test_an_onnx_whose_weights_are_in_an_external_file_reads_them_from_beside_it(tmp_path, monkeypatch):
+    model = onnx.load(str(_tiny_onnx(tmp_path / "inline.onnx")))
+    onnx.save_model(model, str(tmp_path / "external.onnx"), save_as_external_data=True, location="external.data", size_threshold=0)
+    monkeypatch.chdir(tmp_path.parent)  # not the working folder
+    z = torch.randn(5, 2)
+    with OrtBackend(tmp_path / "inline.onnx", device="cpu") as inline, OrtBackend(tmp_path / "external.onnx", device="cpu") as external:
+        assert torch.equal(external.decode(z), inline.decode(z))
+    (tmp_path / "external.data").unlink()
+    with pytest.raises(OnnxModelError, match=r"not a readable ONNX model .*external\.data"):
+        OrtBackend(tmp_path / "external.onnx", device="cpu")
+
+
 @pytest.mark.parametrize("make", [lambda: torch.zeros(4, 2, dtype=torch.bfloat16), lambda: torch.zeros(4, 2).to_sparse(),
                                   lambda: torch.zeros(4, 2, device="meta"), lambda: torch.zeros(4, 2, dtype=torch.complex64).conj()],
                          ids=["bf16", "sparse", "meta", "conj"])
@@ -676,6 +725,25 @@ def test_a_write_removes_what_a_killed_run_left_and_only_that(tmp_path):
     os.utime(fifo, (hour_ago, hour_ago))
     remove_leftovers(tmp_path, ".m.onnx.", TEMPORARY_SUFFIX)  # not opened (it would block), not removed
     assert fifo.exists()
+
+
+def test_ctrl_c_after_the_command_has_ended_does_not_kill_the_exiting_process():
+    """The exit of a process that ran torch and the engines takes a second or more of native teardown."""
+    interrupt_after_the_command = (
+        "import os, signal, sys\n"
+        "import vae_rt.cli\n"
+        "def command():\n"
+        "    print('done')\n"
+        "    sys.exit(0)\n"
+        "vae_rt.cli.main = command\n"
+        "from vae_rt.entry import main\n"
+        "try:\n"
+        "    main()\n"
+        "finally:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)  # as the interpreter exits\n"
+    )
+    result = subprocess.run([sys.executable, "-c", interrupt_after_the_command], check=False, capture_output=True, text=True)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "done\n", "")
 
 
 def test_ctrl_c_while_the_cli_loads_is_one_line_and_exit_130():

@@ -207,7 +207,7 @@ def test_one_engine_for_every_size_takes_every_call_without_the_dispatcher(monke
         for rows in (1, 5000, 3):
             auto.decode(torch.zeros(rows, 2))
         assert made["ort fp32"].batches == [1, 5000, 3] and made["openvino fp32"].closed
-    with pytest.raises(RuntimeError, match="before open"):
+    with pytest.raises(RuntimeError, match="auto backend is not open"):  # closed with its `with` block
         auto.decode(torch.zeros(1, 2))
 
 

@@ -93,9 +93,13 @@ def inspect_onnx(path: Path) -> tuple[int, int, str]:
     if not path.is_file():
         raise OnnxModelError(f"{path}: no such ONNX file")
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as err:  # onnx raises DecodeError, ValueError, ... for non-protobuf bytes
-        raise OnnxModelError(f"{path}: not a readable ONNX model ({type(err).__name__})") from err
+        model = onnx.load(str(path))  # weights kept in an external data file too, read from beside it as the engines do
+    except Exception as err:  # onnx raises DecodeError, ValueError, ... for non-protobuf bytes or missing external data
+        raise OnnxModelError(f"{path}: not a readable ONNX model ({type(err).__name__}: {_first_line(err)})") from err
+    try:  # what one engine refuses another may run anyway (OpenVINO took a model without an opset): all refuse it here
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as err:
+        raise OnnxModelError(f"{path}: not a valid ONNX model: {_first_line(err)}") from err
     graph = model.graph
     inputs = [i for i in graph.input if i.name not in {t.name for t in graph.initializer}]
     if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in graph.output] != [OUTPUT_NAME]:
@@ -127,6 +131,10 @@ def inspect_onnx(path: Path) -> tuple[int, int, str]:
     weight_types = {t.data_type for t in graph.initializer}
     precision = next((name for kind, name in WEIGHT_PRECISIONS if kind in weight_types), "fp32")
     return z_shape[1], image_shape[1], precision
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else "no message"
 
 
 VALUE_KEEPING_OPS = {"Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}  # type or shape only

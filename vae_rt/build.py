@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from vae_rt.capabilities import engine_skip_reason
 from vae_rt.engine import DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, build_engine, check_profile
 from vae_rt.errors import UserError, signals_held
 from vae_rt.export import ExportedModel, check_export_name, export_onnx
-from vae_rt.files import make_dir, staging_dir
+from vae_rt.files import new_folder, staging_dir
 
 
 @dataclass
@@ -86,28 +87,30 @@ def export_artifacts(
     skip_reason = engine_skip_reason() if engine is not False else None
     if engine and skip_reason:
         raise UserError(f"engine: cannot build a TensorRT engine here: {skip_reason}")
-    # Folders that cannot be written to are refused now, not after minutes of export.
-    if engine is not False and not skip_reason and "fp16" in precisions:
-        make_dir(engine_dir, "engine folder")
-    if triton_dir is not None:
-        make_dir(triton_dir, "--triton")
     check_export_name(name)
-    report = ExportReport()
-    out_dir = make_dir(out_dir, "out_dir")
-    report.onnx = export_all_or_none(checkpoint, out_dir, precisions, name, data_dir)
-    if engine is not False:
-        if skip_reason:
-            report.engine_skipped = skip_reason
-        elif "fp16" not in report.onnx:
-            report.engine_skipped = "it is built from the fp16 ONNX; add fp16 to the precisions"
-        else:
-            fp16_path = report.onnx["fp16"].path
-            report.engine, report.engine_built = build_engine(
-                fp16_path, engine_dir, fp16_path.name.removesuffix(".onnx"), opt_batch, max_batch
-            )
-    if triton_dir is not None:
-        from vae_rt.triton import write_model_repository
+    # Folders that cannot be written to are refused now, not after minutes of export; those made here
+    # are removed again if the export fails before anything is written into them.
+    with contextlib.ExitStack() as folders:
+        if engine is not False and not skip_reason and "fp16" in precisions:
+            folders.enter_context(new_folder(engine_dir, "engine folder"))
+        if triton_dir is not None:
+            folders.enter_context(new_folder(triton_dir, "--triton"))
+        out_dir = folders.enter_context(new_folder(out_dir, "out_dir"))
+        report = ExportReport()
+        report.onnx = export_all_or_none(checkpoint, out_dir, precisions, name, data_dir)
+        if engine is not False:
+            if skip_reason:
+                report.engine_skipped = skip_reason
+            elif "fp16" not in report.onnx:
+                report.engine_skipped = "it is built from the fp16 ONNX; add fp16 to the precisions"
+            else:
+                fp16_path = report.onnx["fp16"].path
+                report.engine, report.engine_built = build_engine(
+                    fp16_path, engine_dir, fp16_path.name.removesuffix(".onnx"), opt_batch, max_batch
+                )
+        if triton_dir is not None:
+            from vae_rt.triton import write_model_repository
 
-        onnx_path = (report.onnx.get("fp32") or next(iter(report.onnx.values()))).path
-        report.triton = write_model_repository(triton_dir, onnx_path, report.engine, max_batch)
-    return report
+            onnx_path = (report.onnx.get("fp32") or next(iter(report.onnx.values()))).path
+            report.triton = write_model_repository(triton_dir, onnx_path, report.engine, max_batch)
+        return report

@@ -28,7 +28,7 @@ from vae_rt.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
 from vae_rt.data import load_mnist
 from vae_rt.errors import RuntimeFailure, UserError, require
 from vae_rt.evaluate import to_pixels
-from vae_rt.files import atomic_path, make_dir, sha256_file, staging_dir
+from vae_rt.files import atomic_path, new_folder, sha256_file, staging_dir
 from vae_rt.model import INPUT_NAME, OUTPUT_NAME, VAE, Decoder
 from vae_rt.overflow import reference_peaks
 from vae_rt.parity import ParityReport, compare, parity_latents
@@ -90,8 +90,15 @@ def export_onnx(
     source = Path(checkpoint) if checkpoint is not None else BUNDLED_CHECKPOINT
     model, _ = load_checkpoint(source)
     peaks = reference_peaks(model, source.name)
-    out_dir = make_dir(out_dir, "out_dir")
-    path = onnx_path_for(out_dir, name or source.stem, precision)
+    with new_folder(out_dir, "out_dir") as folder:
+        path = onnx_path_for(folder, name or source.stem, precision)
+        return _export_into(path, precision, model, source, peaks, data_dir)
+
+
+def _export_into(
+    path: Path, precision: str, model: VAE, source: Path, peaks: dict[str, float], data_dir: Path | None
+) -> ExportedModel:
+    """`export_onnx` once its folder exists: the file, checked and gated, then its manifest."""
     train_pixels, test_pixels = (to_pixels(images) for images in load_mnist(data_dir)) if precision != "fp32" else (None, None)
     quantization, gate = None, None
     with atomic_path(path) as tmp:

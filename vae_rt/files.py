@@ -146,6 +146,23 @@ def make_dir(path: Path, option: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def new_folder(path: Path, option: str) -> Iterator[Path]:
+    """`make_dir(path, option)` for a run that writes into it: if the run fails or is interrupted, the
+    folders it created and left empty are removed again, so the tree is as it was."""
+    path = Path(path)
+    created = [folder for folder in (path, *path.parents) if not folder.exists()]  # deepest first
+    try:
+        yield make_dir(path, option)
+    except BaseException:
+        for folder in created:
+            try:
+                folder.rmdir()  # only an empty folder: one the run wrote into stays
+            except OSError:
+                break
+        raise
+
+
 def check_file_target(option: str, path: Path) -> None:
     """Refuse, before any work, a file path that `option` could not be written to: a folder, a device, or a missing or read-only parent."""
     path = Path(path)

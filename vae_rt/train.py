@@ -27,7 +27,7 @@ from vae_rt.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from vae_rt.data import load_mnist
 from vae_rt.errors import RuntimeFailure, UserError
 from vae_rt.evaluate import test_loss, to_pixels
-from vae_rt.files import make_dir, write_atomic
+from vae_rt.files import new_folder, write_atomic
 from vae_rt.gradients import elbo_backward
 from vae_rt.limits import MAX_EPOCHS, MAX_Z_DIM, check_between, check_seed
 from vae_rt.model import IMAGE_SHAPE, VAE, VAEConfig
@@ -126,7 +126,8 @@ def train(
     # (in a process that has run one already, the workers keep computing with denormals: slower, not wrong).
     flushed = torch.set_flush_denormal(True)
     try:
-        return _run(out_dir, options, data_dir, device, resume, progress, on_epoch)
+        with new_folder(out_dir, "--out") as folder:  # removed again if the run stops before writing into it
+            return _run(folder, options, data_dir, device, resume, progress, on_epoch)
     finally:
         if flushed:
             torch.set_flush_denormal(False)
@@ -141,7 +142,6 @@ def _run(
     progress: Progress | None,
     on_epoch: EpochDone | None,
 ) -> list[dict[str, Any]]:
-    out_dir = Path(out_dir)
     start = resume_point(out_dir) if resume else None
     ckpt = start[1] if start is not None else None
     if ckpt is not None:
@@ -155,7 +155,6 @@ def _run(
         options = options.resolved()
     options.check()
     dev = torch.device(resolve_device(device))
-    make_dir(out_dir, "--out")
     train_u8, test_u8 = load_mnist(data_dir)
     x_train, x_test = to_pixels(train_u8).to(dev), to_pixels(test_u8).to(dev)
 

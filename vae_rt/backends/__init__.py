@@ -88,7 +88,7 @@ class BaseBackend:
                 or of another shape than the model declares.
         """
         if not self.is_open:
-            raise RuntimeError(f"{self.name} backend: decode() called before open()")
+            raise not_open(self.name)
         if check_inputs:
             latents, extent = check_latents(z, self.z_dim)
         else:  # read only where a radius could certify them: reading latents on a GPU waits for it
@@ -98,7 +98,9 @@ class BaseBackend:
             check_out(out, latents.shape[0], self.device)
         images = self._decode(latents, out)
         if not extent <= self.finite_radius and not all_finite(images):  # a NaN extent is never within
-            raise RuntimeFailure(f"{self.describe()}: output has NaN/Inf (the model's weights or precision overflow)")
+            certified = self.finite_radius > UNCERTIFIED  # then some latent lies beyond the radius
+            cause = f"latents beyond |z_i| <= {self.finite_radius:.3g}, where it cannot overflow" if certified else "the model's weights or precision overflow"
+            raise RuntimeFailure(f"{self.describe()}: output has NaN/Inf ({cause})")
         return images
 
     def _open(self) -> None:
@@ -114,6 +116,11 @@ class BaseBackend:
 
     def _close(self) -> None:
         raise NotImplementedError
+
+
+def not_open(backend: str) -> RuntimeError:
+    """decode() on a backend never opened, or closed since (a sampler used after its `with` block)."""
+    return RuntimeError(f"{backend} backend is not open: decode() runs between open() and close(), or inside its `with` block")
 
 
 def engine_failure(engine: str, err: Exception) -> RuntimeFailure:

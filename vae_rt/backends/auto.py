@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from vae_rt import tuning
-from vae_rt.backends import BaseBackend, Latents, latent_rows
+from vae_rt.backends import BaseBackend, Latents, latent_rows, not_open
 from vae_rt.dispatch import Dispatcher
 from vae_rt.errors import EngineUnavailable, notice
 
@@ -104,7 +104,7 @@ class AutoBackend(BaseBackend):
     def decode(self, z: torch.Tensor | Latents, out: torch.Tensor | None = None, check_inputs: bool = True) -> torch.Tensor:
         """As `BaseBackend.decode`; the chosen engine checks the latents (once) and decodes them."""
         if not self.is_open:
-            raise RuntimeError("auto backend: decode() called before open()")
+            raise not_open(self.name)
         if self._only is not None:  # one engine serves every batch size: nothing to choose, no clock to read
             return self._only.decode(z, out, check_inputs)
         label = self._dispatch.choose(latent_rows(z), time.perf_counter())
