@@ -97,7 +97,7 @@ def inspect_onnx(path: Path) -> tuple[int, int, str]:
     except Exception as err:  # onnx raises DecodeError, ValueError, ... for non-protobuf bytes or missing external data
         raise OnnxModelError(f"{path}: not a readable ONNX model ({type(err).__name__}: {_first_line(err)})") from err
     try:  # what one engine refuses another may run anyway (OpenVINO took a model without an opset): all refuse it here
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(str(path))  # by path: external data is checked beside it, and no 2 GB proto limit
     except onnx.checker.ValidationError as err:
         raise OnnxModelError(f"{path}: not a valid ONNX model: {_first_line(err)}") from err
     graph = model.graph
