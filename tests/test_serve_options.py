@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from vae_rt.errors import UserError
+from vae_rt.errors import OutputOverflow, UserError
 from vae_rt.serve import decode_requests, library_path_first, serving_status
 from vae_rt.serve_options import ServeOptions
 from vae_rt.serve_process import free_loopback_ports
@@ -28,12 +28,23 @@ def test_the_inference_function_decodes_merged_requests_once_and_splits_them_bac
     assert [float(a["image"][0, 0]) for a in answers] == [1.0, 3.0, 2.0]
 
 
-def test_a_refused_batch_says_why_and_that_it_was_merged():
+@pytest.mark.parametrize("error", [UserError("latents contain NaN or Inf"),
+                                   OutputOverflow("ort fp32: output has NaN/Inf (latents beyond |z_i| <= 3.39e+25, where it cannot overflow)")],
+                         ids=["nan-latents", "overflowing-latents"])
+def test_a_refused_batch_says_why_and_that_it_was_merged(error, caplog):
     def decode(z: np.ndarray) -> np.ndarray:
-        raise UserError("latents contain NaN or Inf")
+        raise error
 
-    with pytest.raises(ValueError, match=r"z: latents contain NaN or Inf \(in one of the 2 requests batched"):
+    with pytest.raises(ValueError) as caught:
         decode_requests(decode)([{"z": np.zeros((1, 2), np.float32)}] * 2)
+    assert str(caught.value) == f"z: {error} (in one of the 2 requests batched with this one); nothing was decoded"
+    assert caught.value.__cause__ is None and f"refused 2 request(s): {error}" in caplog.text
+
+
+@pytest.mark.parametrize("host", ["localhost", "", "::1", "127.0.0.256"])
+def test_a_host_that_is_not_an_ipv4_address_is_refused_before_triton_starts(host):
+    with pytest.raises(UserError, match=rf"host must be an IPv4 address such as 127.0.0.1, or 0.0.0.0 for every interface; got '{host}'"):
+        ServeOptions(host=host).check()
 
 
 def test_options_are_checked_before_anything_starts():

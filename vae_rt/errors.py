@@ -29,6 +29,10 @@ class RuntimeFailure(Exception):
     """The input was fine but the work failed (training diverged, a parity check failed): exit code 1."""
 
 
+class OutputOverflow(RuntimeFailure):
+    """The decoder's output has NaN/Inf: latents so large that its arithmetic overflows, or weights that do."""
+
+
 def require(module: str, extra: str):
     """Import an optional dependency, or raise a one-line error saying which extra installs it."""
     import importlib

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from vae_rt.errors import RuntimeFailure, UserError, require
+from vae_rt.errors import OutputOverflow, RuntimeFailure, UserError, require
 from vae_rt.model import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
 from vae_rt.serve_options import ServeOptions
 from vae_rt.triton import MODEL_NAME
@@ -52,8 +52,8 @@ def library_path_first(directory: str, current: str | None) -> str:
 def decode_requests(decode: Callable[[np.ndarray], Any]) -> InferFunction:
     """The inference function: the requests Triton batched together, decoded in one call, split back.
 
-    A request with NaN/Inf fails the whole merged batch (PyTriton answers one call with one error),
-    so the message tells the others why.
+    A request with NaN/Inf, or latents so large that the decoder overflows, fails the whole merged
+    batch (PyTriton answers one call with one error), so the message tells the others why.
     """
 
     def infer(requests: list[Any]) -> list[dict[str, np.ndarray]]:
@@ -61,7 +61,7 @@ def decode_requests(decode: Callable[[np.ndarray], Any]) -> InferFunction:
         z = latents[0] if len(latents) == 1 else np.concatenate(latents)
         try:
             images = decode(z)
-        except UserError as error:
+        except (UserError, OutputOverflow) as error:  # the latents' fault: refused, or overflowing the decoder
             where = "this request" if len(requests) == 1 else f"one of the {len(requests)} requests batched with this one"
             log.warning("refused %d request(s): %s", len(requests), error)
             raise ValueError(f"{INPUT_NAME}: {error} (in {where}); nothing was decoded") from None

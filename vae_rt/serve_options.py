@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ class ServeOptions:
 
     def check(self) -> None:
         """Every value in range and every port free, before Triton starts (it would wait minutes on a busy one)."""
+        check_host(self.host)
         check_integer("max_batch", self.max_batch, 1, MAX_BATCH)
         check_integer("max_queue_delay_us", self.max_queue_delay_us, 0, MAX_QUEUE_DELAY_US)
         ports = {"HTTP": self.http_port, "gRPC": self.grpc_port, "metrics": self.metrics_port}
@@ -39,6 +41,15 @@ class ServeOptions:
             seen[port] = name
         for name, port in ports.items():
             check_port_free(f"{name} port {port}", self.host, port)
+
+
+def check_host(host: str) -> None:
+    """An IPv4 address, as the port check and PyTriton's readiness check use it: given a name ('localhost')
+    or nothing, Triton listened, or failed, while PyTriton waited two minutes and ended in a traceback."""
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        raise UserError(f"host must be an IPv4 address such as 127.0.0.1, or 0.0.0.0 for every interface; got {host!r}") from None
 
 
 def check_port_free(what: str, host: str, port: int) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vae_rt.errors import RuntimeFailure, UserError
+from vae_rt.errors import OutputOverflow, RuntimeFailure, UserError
 from vae_rt.model import IMAGE_SHAPE
 from vae_rt.overflow import UNCERTIFIED
 
@@ -84,7 +84,7 @@ class BaseBackend:
         Raises:
             UserError: wrong shape, dtype or non-finite latents; an `out` of the wrong shape, dtype or
                 device, or not contiguous. RuntimeError: not opened.
-            RuntimeFailure: output with NaN/Inf (scanned for unless the latents lie within `finite_radius`),
+            OutputOverflow (a RuntimeFailure): output with NaN/Inf (scanned for unless the latents lie within `finite_radius`),
                 or of another shape than the model declares.
         """
         if not self.is_open:
@@ -100,7 +100,7 @@ class BaseBackend:
         if not extent <= self.finite_radius and not all_finite(images):  # a NaN extent is never within
             certified = self.finite_radius > UNCERTIFIED  # then some latent lies beyond the radius
             cause = f"latents beyond |z_i| <= {self.finite_radius:.3g}, where it cannot overflow" if certified else "the model's weights or precision overflow"
-            raise RuntimeFailure(f"{self.describe()}: output has NaN/Inf ({cause})")
+            raise OutputOverflow(f"{self.describe()}: output has NaN/Inf ({cause})")
         return images
 
     def _open(self) -> None:
