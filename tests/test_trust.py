@@ -730,12 +730,11 @@ def test_a_write_removes_what_a_killed_run_left_and_only_that(tmp_path):
 def test_ctrl_c_after_the_command_has_ended_does_not_kill_the_exiting_process():
     """The exit of a process that ran torch and the engines takes a second or more of native teardown."""
     interrupt_after_the_command = (
-        "import os, signal, sys\n"
-        "import vae_rt.cli\n"
+        "import os, signal, sys, types\n"
         "def command():\n"
         "    print('done')\n"
         "    sys.exit(0)\n"
-        "vae_rt.cli.main = command\n"
+        "sys.modules['vae_rt.cli'] = types.SimpleNamespace(main=command)  # the real one takes seconds to import\n"
         "from vae_rt.entry import main\n"
         "try:\n"
         "    main()\n"
