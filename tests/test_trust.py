@@ -440,6 +440,9 @@ def test_folders_a_failed_run_created_are_removed_again_and_no_others(tmp_path):
         (made.parent / "result.txt").write_text("written before the failure")
         raise RuntimeFailure("late failure")
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["kept", "kept/written", "kept/written/result.txt"]
+    with pytest.raises(KeyboardInterrupt), new_folder(tmp_path / "up" / ".." / "over", "out_dir"):
+        raise KeyboardInterrupt
+    assert not (tmp_path / "up").exists() and not (tmp_path / "over").exists()
 
 
 @pytest.mark.parametrize("command", [["export", "--precision", "fp32,int8", "--out-dir"], ["train", "--epochs", 1, "--out"]])

@@ -30,7 +30,7 @@ class RuntimeFailure(Exception):
 
 
 class OutputOverflow(RuntimeFailure):
-    """The decoder's output has NaN/Inf: latents so large that its arithmetic overflows, or weights that do."""
+    """The decoder's output has NaN/Inf for latents beyond the radius within which it cannot overflow: the latents' fault."""
 
 
 def require(module: str, extra: str):

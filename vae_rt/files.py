@@ -151,15 +151,13 @@ def new_folder(path: Path, option: str) -> Iterator[Path]:
     """`make_dir(path, option)` for a run that writes into it: if the run fails or is interrupted, the
     folders it created and left empty are removed again, so the tree is as it was."""
     path = Path(path)
-    created = [folder for folder in (path, *path.parents) if not folder.exists()]  # deepest first
+    missing = {Path(os.path.abspath(folder)) for folder in (path, *path.parents) if not folder.exists()}  # 'a/../b' makes 'a' too
     try:
         yield make_dir(path, option)
     except BaseException:
-        for folder in created:
-            try:
-                folder.rmdir()  # only an empty folder: one the run wrote into stays
-            except OSError:
-                break
+        for folder in sorted(missing, key=lambda folder: len(folder.parts), reverse=True):  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only an empty folder: one the run wrote into stays, and so do its parents
         raise
 
 

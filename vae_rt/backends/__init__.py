@@ -84,7 +84,7 @@ class BaseBackend:
         Raises:
             UserError: wrong shape, dtype or non-finite latents; an `out` of the wrong shape, dtype or
                 device, or not contiguous. RuntimeError: not opened.
-            OutputOverflow (a RuntimeFailure): output with NaN/Inf (scanned for unless the latents lie within `finite_radius`),
+            RuntimeFailure (OutputOverflow for latents beyond the radius): output with NaN/Inf (scanned for unless the latents lie within `finite_radius`),
                 or of another shape than the model declares.
         """
         if not self.is_open:
@@ -98,9 +98,9 @@ class BaseBackend:
             check_out(out, latents.shape[0], self.device)
         images = self._decode(latents, out)
         if not extent <= self.finite_radius and not all_finite(images):  # a NaN extent is never within
-            certified = self.finite_radius > UNCERTIFIED  # then some latent lies beyond the radius
-            cause = f"latents beyond |z_i| <= {self.finite_radius:.3g}, where it cannot overflow" if certified else "the model's weights or precision overflow"
-            raise OutputOverflow(f"{self.describe()}: output has NaN/Inf ({cause})")
+            if self.finite_radius > UNCERTIFIED:  # then some latent lies beyond the radius: the latents' fault
+                raise OutputOverflow(f"{self.describe()}: output has NaN/Inf (latents beyond |z_i| <= {self.finite_radius:.3g}, where it cannot overflow)")
+            raise RuntimeFailure(f"{self.describe()}: output has NaN/Inf (the model's weights or precision overflow)")
         return images
 
     def _open(self) -> None:
