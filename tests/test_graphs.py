@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from vae_rt.backends.graphs import CaptureFailed, GraphCache, capture_graph, first_line, root_cause
+from vae_rt.backends.graphs import CaptureFailed, GraphCache, capture_graph, root_cause
+from vae_rt.errors import first_line
 
 
 class FakeCapture:

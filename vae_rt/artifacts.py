@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from vae_rt.errors import UserError
+from vae_rt.errors import UserError, first_line
 from vae_rt.files import sha256_file, write_atomic
 from vae_rt.model import INPUT_NAME, OUTPUT_NAME, X_DIM
 
@@ -95,11 +95,11 @@ def inspect_onnx(path: Path) -> tuple[int, int, str]:
     try:
         model = onnx.load(str(path))  # weights kept in an external data file too, read from beside it as the engines do
     except Exception as err:  # onnx raises DecodeError, ValueError, ... for non-protobuf bytes or missing external data
-        raise OnnxModelError(f"{path}: not a readable ONNX model ({type(err).__name__}: {_first_line(err)})") from err
+        raise OnnxModelError(f"{path}: not a readable ONNX model ({type(err).__name__}: {first_line(err)})") from err
     try:  # what one engine refuses another may run anyway (OpenVINO took a model without an opset): all refuse it here
         onnx.checker.check_model(str(path))  # by path: external data is checked beside it, and no 2 GB proto limit
     except onnx.checker.ValidationError as err:
-        raise OnnxModelError(f"{path}: not a valid ONNX model: {_first_line(err)}") from err
+        raise OnnxModelError(f"{path}: not a valid ONNX model: {first_line(err)}") from err
     graph = model.graph
     inputs = [i for i in graph.input if i.name not in {t.name for t in graph.initializer}]
     if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in graph.output] != [OUTPUT_NAME]:
@@ -131,10 +131,6 @@ def inspect_onnx(path: Path) -> tuple[int, int, str]:
     weight_types = {t.data_type for t in graph.initializer}
     precision = next((name for kind, name in WEIGHT_PRECISIONS if kind in weight_types), "fp32")
     return z_shape[1], image_shape[1], precision
-
-
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else "no message"
 
 
 VALUE_KEEPING_OPS = {"Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}  # type or shape only

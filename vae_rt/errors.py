@@ -33,6 +33,12 @@ class OutputOverflow(RuntimeFailure):
     """The decoder's output has NaN/Inf for latents beyond the radius within which it cannot overflow: the latents' fault."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (torch appends pages of CUDA advice, onnx its context), or its type when it has none."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def require(module: str, extra: str):
     """Import an optional dependency, or raise a one-line error saying which extra installs it."""
     import importlib

@@ -15,6 +15,8 @@ from typing import Generic, TypeVar
 
 import torch
 
+from vae_rt.errors import first_line
+
 log = logging.getLogger(__name__)
 
 GRAPH_MAX_BATCH = 16384
@@ -110,8 +112,3 @@ def root_cause(error: BaseException) -> BaseException:
         error = error.__context__
     return error
 
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message (torch appends pages of CUDA advice), or its type when it has none."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
